@@ -1,0 +1,585 @@
+"""The client-facing ESMTP server: our own framing and command loop, AUTH through twisted.cred.
+
+Commands are handled one at a time in the order they arrived, each to completion (including the
+upstream's answer) before the next line is even parsed: replies keep command order under
+PIPELINING (RFC 2920) whatever the upstream's delays, and STARTTLS can drop what followed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
+from relayproxy.credentials import IRelayUser, RelayUser
+from relayproxy.errors import ProtocolError, UpstreamError
+from relayproxy.smtp import sasl
+from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
+from relayproxy.smtp.data import BodyDecoder, BodyFault
+from relayproxy.smtp.reply import Catalogue, Reply, composed
+from relayproxy.upstream import UpstreamConnector, UpstreamSession
+
+log = Logger()
+
+_PAUSE_PIPELINE_AT = 64 * 1024
+"""Pipelined bytes we hold while a command waits for the upstream, before we stop reading."""
+
+_FAULT_REPLIES = {
+    BodyFault.TOO_BIG: Catalogue.MESSAGE_TOO_BIG,
+    BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
+    BodyFault.NUL: Catalogue.BODY_NUL,
+}
+_NO_8BIT = composed(554, "5.6.3", "The upstream does not accept 8-bit content (BODY=8BITMIME)")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every session of one listener shares."""
+
+    server: ServerConfig
+    listener: ListenerConfig
+    limits: LimitsConfig
+    portal: Portal
+    connectors: dict[str, UpstreamConnector]
+    tls_options: Any | None
+    clock: IReactorTime = field(repr=False)
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.listener.tls == "implicit"
+
+
+@dataclass
+class _Envelope:
+    sender: str
+    recipients: int = 0
+    failed: Reply | None = None
+    """Set when the upstream failed mid-transaction: later RCPT/DATA get this reply."""
+
+
+class _LineTooLong(Exception):
+    pass
+
+
+@implementer(IPushProducer)
+class _ReadGate:
+    """Stops reading from the client while any reason holds (busy command, slow upstream)."""
+
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self._protocol = protocol
+        self._reasons: set[str] = set()
+
+    def hold(self, reason: str) -> None:
+        if not self._reasons and self._protocol.transport is not None:
+            self._protocol.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._reasons.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self._reasons:
+            self._reasons.discard(reason)
+            if not self._reasons and self._protocol.transport is not None:
+                self._protocol.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # IPushProducer, for the upstream transport: back-pressure while the body streams.
+    def pauseProducing(self) -> None:
+        self.hold("upstream")
+
+    def resumeProducing(self) -> None:
+        self.release("upstream")
+
+    def stopProducing(self) -> None:
+        self.release("upstream")
+
+
+class SMTPServerProtocol(Protocol):
+    def __init__(self, settings: ServerSettings) -> None:
+        self.s = settings
+        self._hostname = settings.server.hostname
+        self._buffer = b""
+        self._skipping = False
+        self._busy = False
+        self._processing = False
+        self._closed = False
+        self._line_waiter: defer.Deferred[bytes] | None = None
+        self._decoder: BodyDecoder | None = None
+        self._gate = _ReadGate(self)
+        self._timer: IDelayedCall | None = None
+        self._tls = settings.implicit_tls
+        self._ehlo = False
+        self._greeted = False
+        self._user: RelayUser | None = None
+        self._auth_failures = 0
+        self._envelope: _Envelope | None = None
+        self._upstream: UpstreamSession | None = None
+        self.peer = "unknown"
+
+    # -- Twisted events -------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer = getattr(peer, "host", str(peer))
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        self._reply(Catalogue.greeting(self._hostname))
+        self._arm_timer(self.s.limits.command_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
+        self._buffer += data
+        self._process()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self._closed = True
+        self._cancel_timer()
+        if self._line_waiter is not None:
+            waiter, self._line_waiter = self._line_waiter, None
+            waiter.errback(ConnectionError("client went away"))
+        self._drop_upstream(in_data=self._decoder is not None)
+
+    # -- framing ------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._closed:
+                if self._decoder is not None:
+                    if not self._buffer:
+                        return
+                    data, self._buffer = self._buffer, b""
+                    self._body_received(data)
+                    continue
+                if self._busy and self._line_waiter is None:
+                    if len(self._buffer) > _PAUSE_PIPELINE_AT:
+                        self._gate.hold("pipeline")
+                    return
+                self._gate.release("pipeline")
+                try:
+                    line = self._next_line()
+                except _LineTooLong:
+                    self._line_received_error(ProtocolError(Catalogue.LINE_TOO_LONG))
+                    continue
+                if line is None:
+                    return
+                if self._line_waiter is not None:
+                    waiter, self._line_waiter = self._line_waiter, None
+                    waiter.callback(line)
+                else:
+                    self._start(self._command(line))
+        finally:
+            self._processing = False
+
+    def _next_line(self) -> bytes | None:
+        """The next CRLF-terminated line, or None until one is complete; bounded memory."""
+        limit = MAX_COMMAND_LINE - 2
+        end = self._buffer.find(b"\r\n")
+        if self._skipping:
+            if end < 0:
+                # Keep a trailing CR: it may be the first half of the CRLF we are looking for.
+                self._buffer = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
+                return None
+            self._buffer = self._buffer[end + 2 :]
+            self._skipping = False
+            raise _LineTooLong()
+        if end < 0:
+            if len(self._buffer) > limit + 1:
+                self._skipping = True
+                self._buffer = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
+            return None
+        if end > limit:
+            self._buffer = self._buffer[end + 2 :]
+            raise _LineTooLong()
+        line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        return line
+
+    def _line_received_error(self, error: ProtocolError) -> None:
+        if self._line_waiter is not None:
+            waiter, self._line_waiter = self._line_waiter, None
+            waiter.errback(error)
+        else:
+            self._reply(error.reply)
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        # The client's idle timer stops while we work (or wait for the upstream) on its behalf.
+        self._busy = True
+        self._cancel_timer()
+        defer.Deferred.fromCoroutine(self._guarded(work)).addBoth(self._resume)
+
+    def _resume(self, _: object) -> None:
+        self._busy = False
+        if not self._closed:
+            self._arm_timer(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
+            self._process()
+
+    async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except ProtocolError as e:
+            self._reply(e.reply)
+        except UpstreamError as e:
+            log.warn("upstream failure client={client} user={user} detail={detail}", client=self.peer, user=self._username, detail=e.detail)
+            self._upstream_failed()
+            self._reply(e.reply)
+        except ConnectionError:
+            pass
+        except Exception:
+            log.failure("internal error client={client}", client=self.peer)
+            self._reply(Catalogue.LOCAL_ERROR)
+            self._close()
+
+    async def _read_line(self) -> bytes:
+        waiter: defer.Deferred[bytes] = defer.Deferred()
+        self._line_waiter = waiter
+        self._arm_timer(self.s.limits.command_timeout)
+        try:
+            return await waiter
+        finally:
+            self._cancel_timer()
+
+    # -- output and lifetime ------------------------------------------------------------------
+
+    @property
+    def _username(self) -> str:
+        return self._user.name if self._user else "-"
+
+    def _reply(self, reply: Reply) -> None:
+        if not self._closed:
+            self.transport.write(reply.to_bytes(self._ehlo))  # type: ignore[union-attr]
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._cancel_timer()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _arm_timer(self, seconds: float) -> None:
+        self._cancel_timer()
+        self._timer = self.s.clock.callLater(seconds, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        log.info("timeout client={client} user={user} in_data={in_data}", client=self.peer, user=self._username, in_data=self._decoder is not None)
+        self._reply(Catalogue.timeout(self._hostname))
+        self._drop_upstream(in_data=self._decoder is not None)
+        self._close()
+
+    def _drop_upstream(self, in_data: bool) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is None:
+            return
+        if in_data or upstream.in_transaction:
+            # Closing without the final dot is the only way to be sure a partial body is never delivered.
+            upstream.abort()
+        else:
+            upstream.close()
+
+    def _upstream_failed(self) -> None:
+        if self._upstream is not None and not self._upstream.usable:
+            self._upstream = None
+        if self._envelope is not None:
+            self._envelope.failed = Catalogue.UPSTREAM_LOST
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def _command(self, line: bytes) -> None:
+        command = parse_command(line)
+        handler = getattr(self, f"_smtp_{command.verb}", None)
+        if handler is None:
+            raise ProtocolError(Catalogue.UNRECOGNIZED)
+        await handler(command)
+
+    async def _smtp_EHLO(self, command: Command) -> None:
+        if not command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        await self._reset_transaction()
+        self._ehlo = True
+        self._greeted = True
+        extensions = ["PIPELINING", f"SIZE {self.s.server.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self.s.listener.tls == "starttls" and not self._tls:
+            extensions.append("STARTTLS")
+        if self._auth_allowed and self._user is None:
+            extensions.append("AUTH " + " ".join(sasl.MECHANISMS))
+        self._reply(Catalogue.ehlo(self._hostname, extensions))
+
+    async def _smtp_HELO(self, command: Command) -> None:
+        if not command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        await self._reset_transaction()
+        self._ehlo = False
+        self._greeted = True
+        self._reply(Catalogue.helo(self._hostname))
+
+    async def _smtp_NOOP(self, command: Command) -> None:
+        self._reply(Catalogue.OK)
+
+    async def _smtp_HELP(self, command: Command) -> None:
+        self._reply(Catalogue.HELP)
+
+    async def _smtp_VRFY(self, command: Command) -> None:
+        self._reply(Catalogue.VRFY)
+
+    async def _smtp_EXPN(self, command: Command) -> None:
+        self._reply(Catalogue.NOT_IMPLEMENTED)
+
+    async def _smtp_RSET(self, command: Command) -> None:
+        if command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        await self._reset_transaction()
+        self._reply(Catalogue.RESET)
+
+    async def _smtp_QUIT(self, command: Command) -> None:
+        self._reply(Catalogue.closing(self._hostname))
+        self._drop_upstream(in_data=False)
+        self._close()
+
+    async def _smtp_STARTTLS(self, command: Command) -> None:
+        if command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        if self._tls:
+            raise ProtocolError(Catalogue.TLS_ACTIVE)
+        if self.s.listener.tls != "starttls" or self.s.tls_options is None:
+            raise ProtocolError(Catalogue.TLS_UNAVAILABLE)
+        # RFC 3207 4.2 / CVE-2011-0411: whatever followed STARTTLS came in plaintext and is dropped,
+        # and everything learnt before TLS is forgotten.
+        self._buffer = b""
+        self._reply(Catalogue.READY_TLS)
+        self.transport.startTLS(self.s.tls_options)  # type: ignore[union-attr]
+        self._tls = True
+        self._ehlo = False
+        self._greeted = False
+        self._user = None
+        self._envelope = None
+        self._drop_upstream(in_data=False)
+
+    @property
+    def _auth_allowed(self) -> bool:
+        return self._tls or self.s.listener.allow_plaintext_auth or self.s.listener.tls == "none"
+
+    async def _smtp_AUTH(self, command: Command) -> None:
+        if not self._greeted:
+            raise ProtocolError(Catalogue.EHLO_FIRST)
+        if self._user is not None:
+            raise ProtocolError(Catalogue.ALREADY_AUTHENTICATED)
+        if self._envelope is not None:
+            raise ProtocolError(Catalogue.BAD_SEQUENCE)
+        if not self._auth_allowed:
+            raise ProtocolError(Catalogue.AUTH_ENCRYPTION_REQUIRED)
+        mechanism, _, initial = command.argument.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            raise ProtocolError(Catalogue.AUTH_NO_MECHANISM)
+        if mechanism not in sasl.MECHANISMS:
+            raise ProtocolError(Catalogue.AUTH_UNKNOWN_MECHANISM)
+        username = "-"
+        try:
+            if mechanism == "PLAIN":
+                if not initial:
+                    self._reply(Reply(334, ("",)))
+                    initial = (await self._read_line()).decode("ascii", "replace")
+                credentials = sasl.parse_plain(sasl.decode_response(initial))
+            else:
+                if not initial:
+                    self._reply(Reply(334, (sasl.USERNAME_CHALLENGE,)))
+                    initial = (await self._read_line()).decode("ascii", "replace")
+                username = sasl.parse_login_field(sasl.decode_response(initial))
+                self._reply(Reply(334, (sasl.PASSWORD_CHALLENGE,)))
+                password = (await self._read_line()).decode("ascii", "replace")
+                credentials = sasl.Credentials(username, sasl.parse_login_field(sasl.decode_response(password)))
+            username = credentials.username
+            await self._login(credentials)
+        except ProtocolError as e:
+            if e.reply.code == 535:
+                self._auth_failed(username, "authzid")
+            raise
+
+    async def _login(self, credentials: sasl.Credentials) -> None:
+        try:
+            _, avatar, _ = await self.s.portal.login(
+                UsernamePassword(credentials.username.encode(), credentials.password.encode()), None, IRelayUser
+            )
+        except UnauthorizedLogin:
+            self._auth_failed(credentials.username, "bad credentials")
+            raise ProtocolError(Catalogue.AUTH_INVALID) from None
+        except Exception:
+            log.failure("authentication backend failed client={client}", client=self.peer)
+            raise ProtocolError(Catalogue.AUTH_TEMPORARY) from None
+        self._user = avatar
+        log.info("auth ok client={client} user={user}", client=self.peer, user=credentials.username)
+        self._reply(Catalogue.AUTH_OK)
+
+    def _auth_failed(self, username: str, reason: str) -> None:
+        self._auth_failures += 1
+        # One line per failure, stable for fail2ban; the username is quoted with repr so a hostile
+        # name cannot forge another log field.
+        log.warn("auth failed client={client} user={user!r} reason={reason}", client=self.peer, user=username, reason=reason)
+
+    async def _smtp_MAIL(self, command: PathCommand) -> None:
+        if self._user is None:
+            raise ProtocolError(Catalogue.AUTH_REQUIRED)
+        if not self._greeted:
+            raise ProtocolError(Catalogue.EHLO_FIRST)
+        if self._envelope is not None:
+            raise ProtocolError(Catalogue.NESTED_MAIL)
+        upstream_params = self._mail_parameters(command)
+        if not self._user.config.may_send(command.address):
+            log.info("sender refused client={client} user={user} sender={sender}", client=self.peer, user=self._user.name, sender=command.address)
+            raise ProtocolError(Catalogue.sender_not_owned(self._user.name))
+        upstream = await self._upstream_session()
+        params = upstream_params(upstream)
+        reply = await upstream.command(f"MAIL FROM:<{command.address}>{params}".encode("ascii"))
+        if reply.is_positive:
+            self._envelope = _Envelope(command.address)
+            upstream.in_transaction = True
+        self._reply(reply)
+
+    def _mail_parameters(self, command: PathCommand) -> Any:
+        """Check the client's MAIL parameters now; return how to phrase them for a given upstream."""
+        size = command.parameter("SIZE")
+        if command.has("SIZE"):
+            if size is None or not size.isdigit():
+                raise ProtocolError(composed(501, "5.5.4", "Syntax error in SIZE parameter"))
+            if int(size) > self.s.server.max_message_size:
+                raise ProtocolError(Catalogue.MESSAGE_TOO_BIG)
+        body = command.parameter("BODY")
+        if command.has("BODY") and (body or "").upper() not in ("7BIT", "8BITMIME"):
+            raise ProtocolError(composed(501, "5.5.4", "Syntax error in BODY parameter"))
+        # AUTH= names the client's identity to the next hop; the upstream must only ever see ours.
+        unknown = [k for k, _ in command.parameters if k not in ("SIZE", "BODY", "AUTH")]
+        if unknown:
+            raise ProtocolError(Catalogue.BAD_PARAMETERS)
+
+        def render(upstream: UpstreamSession) -> str:
+            out = ""
+            if size is not None and upstream.supports("SIZE"):
+                out += f" SIZE={size}"
+            if body is not None and body.upper() == "8BITMIME":
+                if not upstream.supports("8BITMIME"):
+                    raise ProtocolError(_NO_8BIT)
+                out += " BODY=8BITMIME"
+            return out
+
+        return render
+
+    async def _upstream_session(self) -> UpstreamSession:
+        assert self._user is not None
+        if self._upstream is not None and self._upstream.usable:
+            return self._upstream
+        self._upstream = None
+        self._upstream = await self.s.connectors[self._user.upstream.name].open()
+        return self._upstream
+
+    async def _smtp_RCPT(self, command: PathCommand) -> None:
+        if self._user is None:
+            raise ProtocolError(Catalogue.AUTH_REQUIRED)
+        envelope = self._envelope
+        if envelope is None:
+            raise ProtocolError(Catalogue.MAIL_FIRST)
+        if envelope.failed is not None:
+            raise ProtocolError(envelope.failed)
+        if command.parameters:
+            raise ProtocolError(Catalogue.BAD_PARAMETERS)
+        if envelope.recipients >= self.s.server.max_recipients:
+            raise ProtocolError(Catalogue.TOO_MANY_RECIPIENTS)
+        assert self._upstream is not None
+        reply = await self._upstream.command(f"RCPT TO:<{command.address}>".encode("ascii"))
+        if reply.is_positive:
+            envelope.recipients += 1
+        self._reply(reply)
+
+    async def _smtp_DATA(self, command: Command) -> None:
+        if self._user is None:
+            raise ProtocolError(Catalogue.AUTH_REQUIRED)
+        envelope = self._envelope
+        if envelope is None:
+            raise ProtocolError(Catalogue.MAIL_FIRST)
+        if envelope.failed is not None:
+            raise ProtocolError(envelope.failed)
+        if command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        if envelope.recipients == 0:
+            raise ProtocolError(Catalogue.NO_VALID_RECIPIENTS)
+        upstream = self._upstream
+        assert upstream is not None
+        reply = await upstream.command(b"DATA")
+        if reply.code != 354:
+            self._reply(reply)
+            return
+        self._decoder = BodyDecoder(self.s.server.max_message_size)
+        upstream.register_producer(self._gate)
+        self._reply(reply)
+
+    def _body_received(self, data: bytes) -> None:
+        decoder, upstream = self._decoder, self._upstream
+        assert decoder is not None
+        chunk = decoder.feed(data)
+        if upstream is not None and upstream.usable and decoder.fault is not None:
+            # Stop the partial body here: the upstream never sees an end of data for it.
+            upstream.abort()
+        if not chunk.done:
+            if chunk.data and upstream is not None and upstream.usable:
+                upstream.send_body(chunk.data)
+            return
+        self._decoder = None
+        self._buffer = chunk.rest + self._buffer
+        self._start(self._end_of_data(chunk.data, decoder))
+
+    async def _end_of_data(self, last: bytes, decoder: BodyDecoder) -> None:
+        upstream, envelope = self._upstream, self._envelope
+        self._envelope = None
+        fault = decoder.fault
+        if fault is not None:
+            log.info("message refused client={client} user={user} reason={reason}", client=self.peer, user=self._username, reason=fault.value)
+            self._upstream = None
+            raise ProtocolError(_FAULT_REPLIES[fault])
+        if upstream is None or not upstream.usable:
+            self._upstream = None
+            raise ProtocolError(Catalogue.UPSTREAM_LOST)
+        upstream.in_transaction = False
+        reply = await upstream.end_data(last)
+        log.info(
+            "relayed client={client} user={user} upstream={upstream} from=<{sender}> rcpts={rcpts} size={size} reply={reply}",
+            client=self.peer, user=self._username, upstream=upstream.config.name,
+            sender=envelope.sender if envelope else "", rcpts=envelope.recipients if envelope else 0,
+            size=decoder.size, reply=str(reply),
+        )
+        self._reply(reply)
+
+    async def _reset_transaction(self) -> None:
+        self._envelope = None
+        upstream = self._upstream
+        if upstream is not None and upstream.usable and upstream.in_transaction:
+            reply = await upstream.command(b"RSET")
+            upstream.in_transaction = False
+            if not reply.is_positive:
+                upstream.close()
+                self._upstream = None
+
+
+class SMTPServerFactory(Factory):
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+
+    def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
+        protocol = SMTPServerProtocol(self.settings)
+        protocol.factory = self
+        return protocol

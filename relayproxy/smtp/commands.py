@@ -1,0 +1,97 @@
+"""Strict parsing of client command lines (RFC 5321 4.1)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relayproxy.errors import ProtocolError
+from relayproxy.smtp.reply import Catalogue, Reply, composed
+
+MAX_COMMAND_LINE = 512
+"""RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included."""
+
+BAD_SENDER = composed(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = composed(501, "5.1.3", "Bad recipient address syntax")
+
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LITERAL = r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]"
+# Source routes (@a,@b:user@c), bang paths and a second @ do not match: they are how open-relay
+# probes try to make a relay forward mail somewhere the envelope does not show.
+_MAILBOX = re.compile(rf"^(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})$")
+_PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
+_PATH = re.compile(r"^<([^<>]*)>(?: (.*))?$")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A parsed command: the upper-cased verb and its argument text (already validated as ASCII)."""
+
+    verb: str
+    argument: str = ""
+
+
+@dataclass(frozen=True)
+class PathCommand:
+    """MAIL FROM or RCPT TO: the address between the angle brackets and the ESMTP parameters."""
+
+    verb: str
+    address: str
+    parameters: tuple[tuple[str, str | None], ...] = ()
+
+    def parameter(self, key: str) -> str | None:
+        for k, v in self.parameters:
+            if k == key:
+                return v
+        return None
+
+    def has(self, key: str) -> bool:
+        return any(k == key for k, _ in self.parameters)
+
+
+def parse_command(line: bytes) -> Command | PathCommand:
+    """Parse one command line given without its CRLF; raise ProtocolError with the client's reply."""
+    if b"\r" in line or b"\n" in line:
+        # A bare CR or LF would let one "line" hold two commands for a peer that splits differently.
+        raise ProtocolError(Catalogue.BARE_LINE_END)
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(Catalogue.SYNTAX) from None
+    if not text.isprintable():
+        raise ProtocolError(Catalogue.SYNTAX)
+    verb, _, argument = text.partition(" ")
+    verb = verb.upper()
+    if verb == "MAIL":
+        return _parse_path(verb, argument, "FROM:", BAD_SENDER, allow_null=True)
+    if verb == "RCPT":
+        return _parse_path(verb, argument, "TO:", BAD_RECIPIENT, allow_null=False)
+    return Command(verb, argument.strip())
+
+
+def _parse_path(verb: str, argument: str, keyword: str, bad: Reply, allow_null: bool) -> PathCommand:
+    if argument[: len(keyword)].upper() != keyword:
+        raise ProtocolError(Catalogue.SYNTAX)
+    # Many clients write "MAIL FROM: <a@b>"; the space is harmless, so accept it.
+    m = _PATH.match(argument[len(keyword) :].lstrip(" "))
+    if m is None:
+        raise ProtocolError(bad)
+    address, rest = m.group(1), m.group(2) or ""
+    if address == "":
+        if not allow_null:
+            raise ProtocolError(bad)
+    elif not (_MAILBOX.match(address) or (verb == "RCPT" and address.lower() == "postmaster")):
+        raise ProtocolError(bad)
+    if len(address) > 256:
+        raise ProtocolError(bad)
+    parameters: list[tuple[str, str | None]] = []
+    for item in rest.split(" ") if rest else []:
+        pm = _PARAM.match(item)
+        if pm is None:
+            raise ProtocolError(composed(501, "5.5.4", "Syntax error in parameters"))
+        parameters.append((pm.group(1).upper(), pm.group(2)))
+    return PathCommand(verb, address, tuple(parameters))

@@ -1,0 +1,116 @@
+"""Message body framing between the client's DATA and the upstream's DATA, chunk by chunk.
+
+SMTP smuggling (CVE-2023-51766 and friends) works when two parties disagree about where a body
+ends. We end DATA only at the exact bytes CRLF "." CRLF (RFC 5321 4.1.1.4), and what we send on is
+unambiguous for any reader: every line ends in CRLF (bare CR and bare LF become CRLF) and every line
+that begins with a dot is dot-stuffed (RFC 5321 4.5.2). The work is done with bytes operations over
+whole chunks, so the cost per message does not depend on how many lines it has.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+END_OF_DATA = b"\r\n.\r\n"
+MAX_BODY_LINE = 998
+"""RFC 5321 4.5.3.1.6: 1000 octets with the CRLF."""
+
+
+class BodyFault(enum.Enum):
+    """Why a body cannot be relayed; the rest of it is still read up to the real end of data."""
+
+    TOO_BIG = "too big"
+    LINE_TOO_LONG = "line too long"
+    NUL = "NUL character"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one call to ``BodyDecoder.feed`` produced.
+
+    ``data`` is wire-ready for the upstream (without the final "." line). When ``done``, ``rest``
+    holds the bytes the client sent after its end of data (pipelined commands).
+    """
+
+    data: bytes
+    done: bool = False
+    rest: bytes = b""
+
+
+class BodyDecoder:
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._pending = b""
+        # The previous byte we consumed was the LF of a real CRLF (or DATA just started): a dot
+        # here is the client's dot-stuffing, or the first byte of an end of data.
+        self._after_crlf = True
+        # The previous byte we emitted ended a line: a dot here must be stuffed on the way out.
+        self._out_line_start = True
+        self._line_length = 0
+        self.size = 0
+        self.fault: BodyFault | None = None
+
+    def feed(self, chunk: bytes) -> Chunk:
+        data = self._pending + chunk if self._pending else chunk
+        if self._after_crlf and data.startswith(b".\r\n"):
+            end = 0
+        else:
+            found = data.find(END_OF_DATA)
+            end = found + 2 if found >= 0 else -1
+        if end >= 0:
+            out = self._convert(data[:end])
+            self._pending = b""
+            return Chunk(out, True, data[end + 3 :])
+        keep = self._holdback(data)
+        self._pending = data[len(data) - keep :] if keep else b""
+        return Chunk(self._convert(data[: len(data) - keep]))
+
+    def _holdback(self, data: bytes) -> int:
+        """How many trailing bytes could still become an end of data (or a CRLF) with more input."""
+        for k in (4, 3, 2, 1):
+            if data.endswith(END_OF_DATA[:k]):
+                return k
+        if self._after_crlf and data in (b".", b".\r"):
+            return len(data)
+        return 0
+
+    def _convert(self, raw: bytes) -> bytes:
+        if not raw:
+            return b""
+        self.size += len(raw)
+        if self.fault is None:
+            if self.size > self._max_size:
+                self.fault = BodyFault.TOO_BIG
+            elif b"\x00" in raw:
+                self.fault = BodyFault.NUL
+        # Undo the client's dot-stuffing: only lines that started after a real CRLF were stuffed.
+        body = raw.replace(b"\r\n.", b"\r\n")
+        if self._after_crlf and body.startswith(b"."):
+            body = body[1:]
+        self._after_crlf = raw.endswith(b"\r\n")
+        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        self._check_line_lengths(body)
+        if self.fault is not None:
+            return b""
+        body = body.replace(b"\n.", b"\n..")
+        if self._out_line_start and body.startswith(b"."):
+            body = b"." + body
+        self._out_line_start = body.endswith(b"\n")
+        return body.replace(b"\n", b"\r\n")
+
+    def _check_line_lengths(self, body: bytes) -> None:
+        first = body.find(b"\n")
+        if first < 0:
+            self._line_length += len(body)
+        else:
+            longest = self._line_length + first
+            if len(body) - first > MAX_BODY_LINE:
+                longest = max(longest, max(map(len, body[first + 1 :].split(b"\n"))))
+            self._line_length = len(body) - body.rfind(b"\n") - 1
+            self._line_length_seen(longest)
+        self._line_length_seen(self._line_length)
+
+    def _line_length_seen(self, length: int) -> None:
+        if length > MAX_BODY_LINE and self.fault is None:
+            self.fault = BodyFault.LINE_TOO_LONG

@@ -1,0 +1,216 @@
+"""SMTP replies: one type to parse, validate and format them, and the catalogue of replies we compose.
+
+Replies that come from the upstream are parsed strictly (RFC 5321 4.2) and relayed as they were;
+replies the proxy composes come from ``Catalogue`` so tests and docs can walk them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+# Printable ASCII and space only: a relayed reply must not carry control characters (ANSI escapes
+# reaching an operator's terminal, bare CR/LF splitting a reply into two) or 8-bit text.
+_TEXT = re.compile(rb"^[\x20-\x7e]*$")
+
+MAX_LINE = 512
+"""Longest reply line we accept from an upstream or compose (RFC 5321 4.5.3.1.5), CRLF included."""
+
+
+class ReplyError(ValueError):
+    """Bytes that are not a valid SMTP reply."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A complete, possibly multi-line, SMTP reply.
+
+    ``enhanced`` is the RFC 3463 code of a composed reply; for parsed replies it stays ``None`` and
+    any enhanced code stays part of each line's text, so relaying reproduces the upstream's bytes.
+    """
+
+    code: int
+    lines: tuple[str, ...]
+    enhanced: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ReplyError(f"reply code {self.code} out of range")
+        if not self.lines:
+            raise ReplyError("a reply has at least one line")
+        if self.enhanced is not None:
+            m = _ENHANCED.match(self.enhanced)
+            if m is None or m.group(1) != str(self.code)[0]:
+                raise ReplyError(f"enhanced code {self.enhanced!r} does not fit {self.code}")
+        for line in self.lines:
+            if not (line.isascii() and line.isprintable()) or len(line) > MAX_LINE - 6:
+                raise ReplyError("reply text must be printable ASCII and fit in one line")
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def to_bytes(self, with_enhanced: bool = True) -> bytes:
+        """The reply on the wire; ``with_enhanced`` is false before the client said EHLO (RFC 2034)."""
+        prefix = f"{self.enhanced} " if self.enhanced and with_enhanced else ""
+        last = len(self.lines) - 1
+        return "".join(
+            f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(self.lines)
+        ).encode("ascii")
+
+    def __str__(self) -> str:
+        return self.to_bytes().decode("ascii").rstrip("\r\n").replace("\r\n", " / ")
+
+
+class ReplyParser:
+    """Incremental, bounded parser for replies read from an upstream.
+
+    Feed it the bytes of one line at a time (without CRLF); it returns a Reply when the last line
+    arrives. Limits stop a hostile upstream from growing our memory (60 MB of ``250-`` lines).
+    """
+
+    def __init__(self, max_lines: int = 200) -> None:
+        self._max_lines = max_lines
+        self._code: int | None = None
+        self._lines: list[str] = []
+
+    def line(self, raw: bytes) -> Reply | None:
+        if len(raw) + 2 > MAX_LINE:
+            raise ReplyError("reply line too long")
+        if len(raw) < 3 or not raw[:3].isdigit():
+            raise ReplyError("reply line does not start with a three-digit code")
+        code = int(raw[:3])
+        if not 200 <= code <= 599:
+            raise ReplyError(f"reply code {code} out of range")
+        sep = raw[3:4]
+        if sep not in (b" ", b"-", b""):
+            raise ReplyError("reply code not followed by space or dash")
+        if self._code is not None and code != self._code:
+            raise ReplyError("multi-line reply changes its code")
+        text = raw[4:]
+        if _TEXT.match(text) is None:
+            raise ReplyError("reply text is not printable ASCII")
+        self._code = code
+        self._lines.append(text.decode("ascii"))
+        if sep == b"-":
+            if len(self._lines) >= self._max_lines:
+                raise ReplyError("multi-line reply too long")
+            return None
+        reply = Reply(code, tuple(self._lines))
+        self._code = None
+        self._lines = []
+        return reply
+
+
+def parse_reply(data: bytes) -> Reply:
+    """Parse one complete reply given as CRLF-terminated lines (tests and tools)."""
+    parser = ReplyParser()
+    lines = data.split(b"\r\n")
+    if lines[-1] != b"":
+        raise ReplyError("reply does not end in CRLF")
+    result = None
+    for i, raw in enumerate(lines[:-1]):
+        result = parser.line(raw)
+        if result is not None and i != len(lines) - 2:
+            raise ReplyError("bytes after the end of the reply")
+    if result is None:
+        raise ReplyError("reply ends in a continuation line")
+    return result
+
+
+def composed(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, (text,), enhanced)
+
+
+class Catalogue:
+    """Every reply the proxy composes itself (see docs/replies in the README).
+
+    Functions take the values the text mentions; everything else is fixed here so tests, the
+    docs and the code agree.
+    """
+
+    @staticmethod
+    def greeting(hostname: str) -> Reply:
+        return Reply(220, (f"{hostname} ESMTP relayproxy",))
+
+    @staticmethod
+    def closing(hostname: str) -> Reply:
+        return composed(221, "2.0.0", f"{hostname} Bye")
+
+    @staticmethod
+    def helo(hostname: str) -> Reply:
+        return Reply(250, (hostname,))
+
+    @staticmethod
+    def ehlo(hostname: str, extensions: list[str]) -> Reply:
+        return Reply(250, (hostname, *extensions))
+
+    OK = composed(250, "2.0.0", "OK")
+    SENDER_OK = composed(250, "2.1.0", "Sender OK")
+    RESET = composed(250, "2.0.0", "Reset state")
+    VRFY = composed(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+    HELP = composed(214, "2.0.0", "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc4954")
+    READY_TLS = composed(220, "2.0.0", "Ready to start TLS")
+    AUTH_OK = composed(235, "2.7.0", "Authentication successful")
+
+    UNRECOGNIZED = composed(500, "5.5.1", "Command unrecognized")
+    LINE_TOO_LONG = composed(500, "5.5.2", "Line too long")
+    SYNTAX = composed(501, "5.5.2", "Syntax error")
+    BARE_LINE_END = composed(501, "5.5.2", "Syntax error: bare CR or LF in command")
+    BAD_PARAMETERS = composed(555, "5.5.4", "Parameters not recognized or not implemented")
+    NOT_IMPLEMENTED = composed(502, "5.5.1", "Command not implemented")
+    BAD_SEQUENCE = composed(503, "5.5.1", "Bad sequence of commands")
+    EHLO_FIRST = composed(503, "5.5.1", "Send EHLO or HELO first")
+    MAIL_FIRST = composed(503, "5.5.1", "Need MAIL before RCPT")
+    RCPT_FIRST = composed(503, "5.5.1", "Need RCPT before DATA")
+    NESTED_MAIL = composed(503, "5.5.1", "Sender already specified")
+    TLS_ACTIVE = composed(503, "5.5.1", "TLS already active")
+    TLS_UNAVAILABLE = composed(502, "5.5.1", "STARTTLS not available on this port")
+    ALREADY_AUTHENTICATED = composed(503, "5.5.1", "Already authenticated")
+    AUTH_CANCELLED = composed(501, "5.5.2", "Authentication cancelled")
+    AUTH_BAD_BASE64 = composed(501, "5.5.2", "Invalid base64 data")
+    AUTH_MALFORMED = composed(501, "5.5.2", "Malformed authentication data")
+    AUTH_NO_MECHANISM = composed(501, "5.5.2", "AUTH needs a mechanism")
+    AUTH_UNKNOWN_MECHANISM = composed(504, "5.5.4", "Unrecognized authentication type")
+    AUTH_INVALID = composed(535, "5.7.8", "Authentication credentials invalid")
+    AUTH_ENCRYPTION_REQUIRED = composed(538, "5.7.11", "Encryption required for requested authentication mechanism")
+    AUTH_TEMPORARY = composed(454, "4.7.0", "Temporary authentication failure")
+    AUTH_REQUIRED = composed(530, "5.7.0", "Authentication required")
+    NO_VALID_RECIPIENTS = composed(554, "5.5.1", "No valid recipients")
+    TOO_MANY_RECIPIENTS = composed(452, "4.5.3", "Too many recipients")
+    MESSAGE_TOO_BIG = composed(552, "5.3.4", "Message size exceeds fixed maximum message size")
+    BODY_LINE_TOO_LONG = composed(554, "5.6.0", "Message refused: a line is longer than 1000 octets")
+    BODY_NUL = composed(554, "5.6.0", "Message refused: NUL character in message")
+    UPSTREAM_LOST = composed(451, "4.4.2", "Upstream connection lost, try again later")
+    UPSTREAM_BAD_REPLY = composed(451, "4.4.0", "Upstream sent an invalid reply, try again later")
+    UPSTREAM_TIMEOUT = composed(451, "4.4.2", "Upstream timed out, try again later")
+    LOCAL_ERROR = composed(451, "4.3.0", "Local error in processing, try again later")
+
+    @staticmethod
+    def timeout(hostname: str) -> Reply:
+        return composed(421, "4.4.2", f"{hostname} Timeout, closing connection")
+
+    @staticmethod
+    def sender_not_owned(user: str) -> Reply:
+        return composed(553, "5.7.1", f"Sender address not owned by user {user}")
+
+    @staticmethod
+    def upstream_unreachable(name: str) -> Reply:
+        return composed(451, "4.4.1", f"Upstream {name} unreachable, try again later")
+
+    @staticmethod
+    def upstream_tls_failed(name: str) -> Reply:
+        return composed(454, "4.7.0", f"TLS with upstream {name} failed, try again later")
+
+    @staticmethod
+    def upstream_auth_failed(name: str) -> Reply:
+        return composed(454, "4.7.0", f"Upstream {name} refused the relay's credentials, try again later")

@@ -1,0 +1,71 @@
+"""SASL PLAIN (RFC 4616) and LOGIN: strict decoding of what clients send, encoding of what we send."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+
+from relayproxy.errors import ProtocolError
+from relayproxy.smtp.reply import Catalogue
+
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+
+def decode_response(text: str) -> bytes:
+    """One client response to a 334 challenge (or an initial response), RFC 4954 4."""
+    if text == "*":
+        raise ProtocolError(Catalogue.AUTH_CANCELLED)
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise ProtocolError(Catalogue.AUTH_BAD_BASE64) from None
+
+
+def _text(raw: bytes) -> str:
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(Catalogue.AUTH_MALFORMED) from None
+    if "\x00" in value or not value:
+        raise ProtocolError(Catalogue.AUTH_MALFORMED)
+    return value
+
+
+def parse_plain(message: bytes) -> Credentials:
+    """authzid NUL authcid NUL passwd; an authzid naming someone else is refused like a bad password."""
+    parts = message.split(b"\x00")
+    if len(parts) != 3:
+        raise ProtocolError(Catalogue.AUTH_MALFORMED)
+    authzid, authcid, password = parts
+    username = _text(authcid)
+    secret = _text(password)
+    # RFC 4616 lets a client act for another identity; we never allow that, and answer as for a
+    # wrong password so the reply does not tell a guesser which part was wrong.
+    if authzid and authzid != authcid:
+        raise ProtocolError(Catalogue.AUTH_INVALID)
+    return Credentials(username, secret)
+
+
+def parse_login_field(message: bytes) -> str:
+    return _text(message)
+
+
+def encode_plain(username: str, password: str) -> str:
+    return base64.b64encode(b"\x00" + username.encode() + b"\x00" + password.encode()).decode("ascii")
+
+
+def encode(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+USERNAME_CHALLENGE = encode("Username:")
+PASSWORD_CHALLENGE = encode("Password:")

@@ -1,0 +1,311 @@
+"""The upstream side: our own SMTP client protocol and the dialogue with a user's smarthost.
+
+Twisted's ESMTPClient is not used: it mangles line ends and dot-stuffing, accepts replies injected
+before a STARTTLS handshake and puts the AUTH PLAIN payload in error texts (see the README).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relayproxy.config import UpstreamConfig
+from relayproxy.errors import UpstreamError
+from relayproxy.smtp import sasl
+from relayproxy.smtp.reply import MAX_LINE, Catalogue, Reply, ReplyError, ReplyParser
+
+log = Logger()
+
+
+class _Lost(Exception):
+    """The upstream connection ended; ``reason`` is Twisted's failure."""
+
+    def __init__(self, reason: Failure) -> None:
+        super().__init__(reason.getErrorMessage())
+        self.reason = reason
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Desync(Exception):
+    """The upstream sent bytes nobody asked for: injection, or a broken server."""
+
+
+class UpstreamProtocol(Protocol):
+    """Reads bounded, strictly parsed replies; writes what the dialogue tells it to."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._buffer = b""
+        self._parser = ReplyParser()
+        self._replies: deque[Reply] = deque()
+        self._waiter: defer.Deferred[Reply] | None = None
+        self._error: Exception | None = None
+        self.connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        # Nagle plus the peer's delayed ACK costs ~40 ms per message on small writes.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buffer += data
+        try:
+            while True:
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > MAX_LINE:
+                        raise ReplyError("reply line too long")
+                    return
+                line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+                reply = self._parser.line(line)
+                if reply is not None:
+                    self._deliver(reply)
+        except ReplyError as e:
+            self._fail(e)
+            self.abort()
+
+    def _deliver(self, reply: Reply) -> None:
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(reply)
+        else:
+            self._replies.append(reply)
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.errback(error)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.connected = False
+        self._fail(_Lost(reason))
+
+    def abort(self) -> None:
+        """Close at once, never sending anything more (above all not the final dot)."""
+        if self.transport is not None and self.connected:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    async def read_reply(self, timeout: float) -> Reply:
+        if self._replies:
+            return self._replies.popleft()
+        if self._error is not None:
+            raise self._error
+        waiter: defer.Deferred[Reply] = defer.Deferred()
+        self._waiter = waiter
+        timer = self._clock.callLater(timeout, self._timed_out)
+        try:
+            return await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _timed_out(self) -> None:
+        self._fail(_Timeout())
+        self.abort()
+
+    async def command(self, line: bytes, timeout: float) -> Reply:
+        if self._replies or self._buffer:
+            # Replies before we asked: the next command would be answered by a stale or forged reply.
+            raise _Desync()
+        self.write(line + b"\r\n")
+        return await self.read_reply(timeout)
+
+    def start_tls(self, options: Any) -> None:
+        # RFC 3207 5: anything read before the handshake came in plaintext and could be injected.
+        if self._replies or self._buffer:
+            raise _Desync()
+        self.transport.startTLS(options)  # type: ignore[union-attr]
+
+
+def _extensions(ehlo: Reply) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in ehlo.lines[1:]:
+        keyword, _, params = line.partition(" ")
+        found[keyword.upper()] = params.upper()
+    return found
+
+
+@dataclass
+class UpstreamConnector:
+    """Everything about one upstream that is the same for every session, computed once."""
+
+    reactor: Any
+    config: UpstreamConfig
+    local_hostname: str
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        trust = None
+        if cfg.ca_file is not None:
+            trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))
+        self._tls_options = ssl.optionsForClientTLS(cfg.host, trustRoot=trust)
+        self._ehlo = f"EHLO {cfg.helo_name or self.local_hostname}".encode("ascii")
+
+    def _endpoint(self) -> Any:
+        tcp = HostnameEndpoint(self.reactor, self.config.host, self.config.port, timeout=self.config.connect_timeout)
+        if self.config.tls == "implicit":
+            return wrapClientTLS(self._tls_options, tcp)
+        return tcp
+
+    async def open(self) -> UpstreamSession:
+        """Connect, greet, secure and authenticate; every failure is an UpstreamError with a 4xx."""
+        cfg = self.config
+        name = cfg.name
+        try:
+            proto: UpstreamProtocol = await self._endpoint().connect(
+                Factory.forProtocol(lambda: UpstreamProtocol(self.reactor))
+            )
+        except (ConnectError, OSError) as e:
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"connect to {cfg.host}:{cfg.port}: {e}") from None
+        session = UpstreamSession(proto, cfg)
+        try:
+            await self._handshake(session)
+        except UpstreamError:
+            proto.abort()
+            raise
+        except _Lost as e:
+            proto.abort()
+            if e.reason.check(SSL.Error, VerificationError):
+                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"TLS failed: {_ssl_reason(e.reason)}") from None
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"connection lost during setup: {e}") from None
+        except (_Timeout, _Desync, ReplyError) as e:
+            proto.abort()
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"setup failed: {type(e).__name__} {e}") from None
+        return session
+
+    async def _handshake(self, session: UpstreamSession) -> None:
+        cfg, proto, name = self.config, session.protocol, self.config.name
+        greeting = await proto.read_reply(cfg.reply_timeout)
+        if greeting.code != 220:
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"greeting refused: {greeting}")
+        ehlo = await proto.command(self._ehlo, cfg.reply_timeout)
+        if ehlo.code != 250:
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"EHLO refused: {ehlo}")
+        if cfg.tls == "starttls":
+            if "STARTTLS" not in _extensions(ehlo):
+                raise UpstreamError(Catalogue.upstream_tls_failed(name), "upstream does not offer STARTTLS")
+            ready = await proto.command(b"STARTTLS", cfg.reply_timeout)
+            if ready.code != 220:
+                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"STARTTLS refused: {ready}")
+            proto.start_tls(self._tls_options)
+            ehlo = await proto.command(self._ehlo, cfg.reply_timeout)
+            if ehlo.code != 250:
+                raise UpstreamError(Catalogue.upstream_unreachable(name), f"EHLO after STARTTLS refused: {ehlo}")
+        session.extensions = _extensions(ehlo)
+        if cfg.username is not None and cfg.password is not None:
+            await self._authenticate(session, cfg.username, cfg.password)
+
+    async def _authenticate(self, session: UpstreamSession, username: str, password: str) -> None:
+        proto, cfg = session.protocol, self.config
+        refused = Catalogue.upstream_auth_failed(cfg.name)
+        mechanisms = session.extensions.get("AUTH", "").split()
+        # Error details name the reply only: the command lines carry the secret.
+        if "PLAIN" in mechanisms:
+            reply = await proto.command(b"AUTH PLAIN " + sasl.encode_plain(username, password).encode(), cfg.reply_timeout)
+        elif "LOGIN" in mechanisms:
+            reply = await proto.command(b"AUTH LOGIN", cfg.reply_timeout)
+            for secret in (username, password):
+                if reply.code != 334:
+                    break
+                reply = await proto.command(sasl.encode(secret).encode(), cfg.reply_timeout)
+        else:
+            raise UpstreamError(refused, f"upstream offers no PLAIN or LOGIN (AUTH {' '.join(mechanisms) or 'absent'})")
+        if reply.code != 235:
+            raise UpstreamError(refused, f"upstream refused the credentials for {username}: {reply}")
+
+
+def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
+    marker = b"-----END CERTIFICATE-----"
+    return [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"-----BEGIN" in part]
+
+
+def _ssl_reason(reason: Failure) -> str:
+    return reason.getErrorMessage() or "handshake failed"
+
+
+class UpstreamSession:
+    """One authenticated session; transaction methods map every failure to the client's reply."""
+
+    def __init__(self, protocol: UpstreamProtocol, config: UpstreamConfig) -> None:
+        self.protocol = protocol
+        self.config = config
+        self.extensions: dict[str, str] = {}
+        self.broken = False
+        self.in_transaction = False
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken and self.protocol.connected
+
+    async def _guard(self, step: Callable[[], Any]) -> Reply:
+        try:
+            result: Reply = await step()
+            return result
+        except _Lost as e:
+            self.broken = True
+            raise UpstreamError(Catalogue.UPSTREAM_LOST, f"upstream {self.config.name}: connection lost: {e}") from None
+        except _Timeout:
+            self.broken = True
+            raise UpstreamError(Catalogue.UPSTREAM_TIMEOUT, f"upstream {self.config.name}: timed out") from None
+        except (_Desync, ReplyError) as e:
+            self.broken = True
+            self.protocol.abort()
+            raise UpstreamError(Catalogue.UPSTREAM_BAD_REPLY, f"upstream {self.config.name}: invalid reply: {type(e).__name__} {e}") from None
+
+    async def command(self, line: bytes, timeout: float | None = None) -> Reply:
+        return await self._guard(lambda: self.protocol.command(line, timeout or self.config.reply_timeout))
+
+    def supports(self, extension: str) -> bool:
+        return extension in self.extensions
+
+    def send_body(self, data: bytes) -> None:
+        self.protocol.write(data)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        self.protocol.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+
+    def unregister_producer(self) -> None:
+        if self.protocol.connected:
+            self.protocol.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    async def end_data(self, last: bytes) -> Reply:
+        # The last body bytes and the dot go in one write: one segment, no delayed-ACK stall.
+        self.unregister_producer()
+        self.protocol.write(last + b".\r\n")
+        return await self._guard(lambda: self.protocol.read_reply(self.config.data_timeout))
+
+    def abort(self) -> None:
+        self.broken = True
+        self.protocol.abort()
+
+    def close(self) -> None:
+        """QUIT politely without waiting; the server's reply does not matter any more."""
+        if self.usable:
+            self.protocol.write(b"QUIT\r\n")
+            self.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        self.broken = True
+
