@@ -15,6 +15,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -143,7 +144,7 @@ class SMTPServerProtocol(Protocol):
         self._buffer += data
         self._process()
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[no-untyped-call]
         self._closed = True
         self._cancel_timer()
         if self._line_waiter is not None:
@@ -423,6 +424,7 @@ class SMTPServerProtocol(Protocol):
         except Exception:
             log.failure("authentication backend failed client={client}", client=self.peer)
             raise ProtocolError(Catalogue.AUTH_TEMPORARY) from None
+        assert isinstance(avatar, RelayUser)
         self._user = avatar
         log.info("auth ok client={client} user={user}", client=self.peer, user=credentials.username)
         self._reply(Catalogue.AUTH_OK)

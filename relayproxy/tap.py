@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet import ssl, threads
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -51,10 +51,11 @@ def server_tls_options(tls: TLSConfig) -> Any:
     assert tls.certificate is not None and tls.key is not None
     chain = x509.load_pem_x509_certificates(tls.certificate.read_bytes())
     key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+    # pyOpenSSL takes cryptography's objects (its own X509/PKey are deprecated); Twisted's hints lag.
     return ssl.CertificateOptions(
-        privateKey=key,
-        certificate=chain[0],
-        extraCertChain=chain[1:],
+        privateKey=cast(Any, key),
+        certificate=cast(Any, chain[0]),
+        extraCertChain=cast(Any, chain[1:]),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
 
@@ -65,7 +66,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     connectors = {
         name: UpstreamConnector(reactor, upstream, config.server.hostname) for name, upstream in config.upstreams.items()
     }
-    top = MultiService()
+    top = MultiService()  # type: ignore[no-untyped-call]
     for listener in config.listeners:
         settings = ServerSettings(
             server=config.server,
@@ -76,10 +77,11 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             tls_options=tls_options,
             clock=reactor,
         )
-        factory: Factory = SMTPServerFactory(settings)
+        factory: IProtocolFactory = SMTPServerFactory(settings)
         if listener.tls == "implicit":
+            assert tls_options is not None, "load_config requires [tls] for TLS listeners"
             factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)
+        strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
     return top
 
 

@@ -97,7 +97,7 @@ class UpstreamProtocol(Protocol):
             waiter, self._waiter = self._waiter, None
             waiter.errback(error)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[no-untyped-call]
         self.connected = False
         self._fail(_Lost(reason))
 
@@ -161,7 +161,7 @@ class UpstreamConnector:
         cfg = self.config
         trust = None
         if cfg.ca_file is not None:
-            trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))
+            trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))  # type: ignore[no-untyped-call]
         self._tls_options = ssl.optionsForClientTLS(cfg.host, trustRoot=trust)
         self._ehlo = f"EHLO {cfg.helo_name or self.local_hostname}".encode("ascii")
 
@@ -189,7 +189,7 @@ class UpstreamConnector:
             raise
         except _Lost as e:
             proto.abort()
-            if e.reason.check(SSL.Error, VerificationError):
+            if e.reason.check(SSL.Error, VerificationError):  # type: ignore[no-untyped-call]
                 raise UpstreamError(Catalogue.upstream_tls_failed(name), f"TLS failed: {_ssl_reason(e.reason)}") from None
             raise UpstreamError(Catalogue.upstream_unreachable(name), f"connection lost during setup: {e}") from None
         except (_Timeout, _Desync, ReplyError) as e:
@@ -259,7 +259,7 @@ class UpstreamSession:
 
     @property
     def usable(self) -> bool:
-        return not self.broken and self.protocol.connected
+        return not self.broken and bool(self.protocol.connected)
 
     async def _guard(self, step: Callable[[], Any]) -> Reply:
         try:

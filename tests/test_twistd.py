@@ -1,0 +1,90 @@
+"""`twistd -n relayproxy --config PATH` as an operator runs it: a real process, a real config file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import (
+    CLIENT_PASSWORD,
+    CLIENT_USER,
+    PKI,
+    UPSTREAM_PASSWORD,
+    Smarthost,
+    _listening,
+    smarthost_upstream,
+    wait_for,
+    write_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def twistd() -> list[str]:
+    exe = shutil.which("twistd", path=str(Path(sys.executable).parent)) or shutil.which("twistd")
+    assert exe, "twistd is not installed next to this Python"
+    return [exe]
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # The checkout under test, not an installed copy, provides both the package and the plugin.
+    env["PYTHONPATH"] = str(REPO)
+    env["RELAYPROXY_TEST_UPSTREAM_PASSWORD"] = UPSTREAM_PASSWORD
+    return env
+
+
+@pytest.fixture
+def twistd_proxy(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    path, ports = write_config(tmp_path, pki, smarthost_upstream(smarthost, pki))
+    log = tmp_path / "twistd.log"
+    proc = subprocess.Popen(
+        [*twistd(), "-n", "--pidfile=", "--logfile", str(log), "relayproxy", "--config", str(path)],
+        env=environment(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or all(_listening(p) for p in ports), timeout=30)
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        yield ports[0], proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_twistd_serves_a_message(twistd_proxy: tuple[int, subprocess.Popen[bytes]], pki: PKI, smarthost: Smarthost) -> None:
+    port, _ = twistd_proxy
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.starttls(context=pki.client_context())
+        smtp.login(CLIENT_USER, CLIENT_PASSWORD)
+        code, text = smtp.mail("app1@example.org")
+        assert (code, text) == (250, b"2.1.0 OK")
+        smtp.rcpt("bob@example.net")
+        code, text = smtp.data(b"Subject: via twistd\r\n\r\nhello\r\n")
+    assert (code, text) == (250, b"2.0.0 Ok: queued as TEST1")
+    assert [m.content for m in smarthost.received] == [b"Subject: via twistd\r\n\r\nhello\r\n"]
+
+
+def test_broken_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "relayproxy.toml"
+    config.write_text('[server]\nhostname = "relay.test"\nport_typo = 25\n')
+    result = subprocess.run(
+        [*twistd(), "-n", "--pidfile=", "relayproxy", "--config", str(config)],
+        env=environment(), cwd=tmp_path, capture_output=True, timeout=60,
+    )
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert f"{config}: server.port_typo: unknown key" in err
+    assert "Traceback" not in err
+
+
+def test_help_documents_the_config_option() -> None:
+    result = subprocess.run([*twistd(), "relayproxy", "--help"], env=environment(), capture_output=True, timeout=60)
+    assert result.returncode == 0
+    out = result.stdout.decode()
+    assert "--config" in out and "etc/relayproxy.toml" in out
