@@ -1,0 +1,234 @@
+"""The ``relayproxy`` command: one subcommand per task."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import tomllib
+from pathlib import Path
+
+from relayproxy.config import DEFAULT_PATH
+from relayproxy.credentials import (
+    DEFAULT_ROUNDS,
+    UsersFileError,
+    check_password,
+    hash_password,
+    read_users_file,
+    user_name_problem,
+    write_users_file,
+)
+
+
+class CommandError(Exception):
+    """A subcommand cannot do its job; the message tells the user why (exit status 2)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except CommandError as e:
+        print(f"relayproxy: {e}", file=sys.stderr)
+        return 2
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # prog is fixed so that "python -m relayproxy" shows the same name.
+    parser = argparse.ArgumentParser(
+        prog="relayproxy", description="An authenticating SMTP relay proxy."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Each subcommand sets func(args) -> exit status.
+    _add_passwd(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run the proxy in front of a local stand-in smarthost (127.0.0.1 only)",
+        description=(
+            "Start a stand-in smarthost (STARTTLS and AUTH required) and relayproxy in front of it, "
+            "print a demo login and a command that sends a test message, and show every message the "
+            "smarthost receives. Needs the demo extra: pip install 'relayproxy[demo]'."
+        ),
+    )
+    demo.add_argument("--dir", type=Path, help="where to write the config, certificates and received mail (default: a new temporary directory)")
+    demo.add_argument("--port", type=int, default=2587, help="the proxy's STARTTLS port (default: %(default)s)")
+    demo.add_argument("--plain-port", type=int, default=2525, help="the proxy's loopback plaintext port (default: %(default)s)")
+    demo.add_argument("--smarthost-port", type=int, default=2465, help="the stand-in smarthost's port (default: %(default)s)")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from relayproxy.demo import run_demo
+
+    return run_demo(args.dir, args.port, args.plain_port, args.smarthost_port)
+
+
+def _add_passwd(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    passwd = sub.add_parser(
+        "passwd",
+        help="manage the users file",
+        description="Add, change, delete, list and check the users who may log in.",
+    )
+    where = passwd.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_PATH,
+        help="take the users file from [auth] users_file of this configuration (default: %(default)s)",
+    )
+    where.add_argument("--users-file", type=Path, help="the users file itself")
+    actions = passwd.add_subparsers(dest="action", required=True)
+
+    add = actions.add_parser("add", help="add a user or change a password")
+    add.add_argument("name")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password as one line from stdin"
+    )
+    add.add_argument(
+        "--rounds",
+        type=int,
+        choices=range(4, 32),
+        metavar="4..31",
+        default=DEFAULT_ROUNDS,
+        help="bcrypt cost (default: %(default)s)",
+    )
+    add.set_defaults(func=_passwd_add)
+
+    delete = actions.add_parser("delete", help="delete a user")
+    delete.add_argument("name")
+    delete.set_defaults(func=_passwd_delete)
+
+    list_ = actions.add_parser("list", help="list the user names")
+    list_.set_defaults(func=_passwd_list)
+
+    check = actions.add_parser(
+        "check", help="check a password: exit status 0 if it matches, 1 if not"
+    )
+    check.add_argument("name")
+    check.add_argument(
+        "--password-stdin", action="store_true", help="read the password as one line from stdin"
+    )
+    check.set_defaults(func=_passwd_check)
+
+
+def _users_file(args: argparse.Namespace) -> Path:
+    if args.users_file is not None:
+        path: Path = args.users_file
+        return path
+    config: Path = args.config
+    # Only [auth] users_file is read, not the whole configuration checked, so
+    # users can be created before the rest is set up.
+    try:
+        with config.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise CommandError(
+            f"cannot read {config}: {e.strerror}; pass --config PATH or --users-file PATH"
+        ) from e
+    except tomllib.TOMLDecodeError as e:
+        raise CommandError(f"{config}: not valid TOML: {e}") from e
+    auth = data.get("auth")
+    users_file = auth.get("users_file") if isinstance(auth, dict) else None
+    if not isinstance(users_file, str) or not users_file:
+        raise CommandError(
+            f"{config}: auth.users_file is not set; set it, or pass --users-file PATH"
+        )
+    return config.parent / users_file
+
+
+def _read(path: Path, *, missing_ok: bool = False) -> dict[str, bytes]:
+    try:
+        return read_users_file(path)
+    except FileNotFoundError as e:
+        if missing_ok:
+            return {}
+        raise CommandError(f"{path} does not exist; create it with: relayproxy passwd add NAME") from e
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from e
+    except UsersFileError as e:
+        raise CommandError(f"{e}\n(correct the file by hand first)") from e
+
+
+def _write(path: Path, users: dict[str, bytes]) -> None:
+    try:
+        write_users_file(path, users)
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror}") from e
+
+
+def _name(args: argparse.Namespace) -> str:
+    name: str = args.name
+    problem = user_name_problem(name)
+    if problem:
+        raise CommandError(problem)
+    return name
+
+
+def _password(args: argparse.Namespace, *, confirm: bool) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    else:
+        try:
+            password = getpass.getpass(f"Password for {args.name}: ")
+            if confirm and getpass.getpass("Again: ") != password:
+                raise CommandError("the passwords differ")
+        except EOFError as e:
+            raise CommandError("no password given") from e
+    if not password:
+        raise CommandError("the password is empty")
+    return password
+
+
+def _passwd_add(args: argparse.Namespace) -> int:
+    name = _name(args)
+    path = _users_file(args)
+    users = _read(path, missing_ok=True)
+    password = _password(args, confirm=True)
+    done = "changed the password of" if name in users else "added"
+    try:
+        users[name] = hash_password(password, args.rounds)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
+    _write(path, users)
+    print(f"{done} user {name} in {path}")
+    return 0
+
+
+def _passwd_delete(args: argparse.Namespace) -> int:
+    name = _name(args)
+    path = _users_file(args)
+    users = _read(path)
+    if users.pop(name, None) is None:
+        raise CommandError(f"there is no user {name} in {path}")
+    _write(path, users)
+    print(f"deleted user {name} from {path}")
+    return 0
+
+
+def _passwd_list(args: argparse.Namespace) -> int:
+    for name in sorted(_read(_users_file(args))):
+        print(name)
+    return 0
+
+
+def _passwd_check(args: argparse.Namespace) -> int:
+    name = _name(args)
+    path = _users_file(args)
+    hashed = _read(path).get(name)
+    if hashed is None:
+        raise CommandError(f"there is no user {name} in {path}")
+    if check_password(_password(args, confirm=False), hashed):
+        print(f"the password of {name} matches")
+        return 0
+    print(f"the password of {name} does not match", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

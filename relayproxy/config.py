@@ -1,0 +1,684 @@
+"""The configuration: one TOML file read into frozen dataclasses.
+
+Every problem is reported as one line naming the file, the key, what is wrong and the fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from OpenSSL import SSL
+
+from relayproxy.credentials import UsersFileError, read_users_file
+from relayproxy.errors import ConfigError
+
+ListenerTLS = Literal["starttls", "implicit", "none"]
+UpstreamTLS = Literal["implicit", "starttls", "none"]
+_LISTENER_TLS: tuple[ListenerTLS, ...] = ("starttls", "implicit", "none")
+_UPSTREAM_TLS: tuple[UpstreamTLS, ...] = ("implicit", "starttls", "none")
+
+DEFAULT_PATH = Path("/etc/relayproxy/relayproxy.toml")
+
+DEFAULT_UPSTREAM = "default"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    endpoint: str
+    tls: ListenerTLS
+    allow_plaintext_auth: bool = False
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    host: str
+    port: int
+    tls: UpstreamTLS
+    ca_file: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    helo_name: str | None = None
+    connect_timeout: float = 30.0
+    reply_timeout: float = 300.0
+    data_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str
+    upstream: str = DEFAULT_UPSTREAM
+    allowed_senders: tuple[str, ...] = ()
+
+    def may_send(self, address: str) -> bool:
+        """May this user use ``address`` as the envelope sender (MAIL FROM)?"""
+        if not self.allowed_senders:
+            return True
+        address = address.lower()
+        # rpartition: a quoted local part may itself contain "@".
+        _, at, domain = address.rpartition("@")
+        for allowed in self.allowed_senders:
+            allowed = allowed.lower()
+            if allowed.startswith("@"):
+                if at and allowed == "@" + domain:
+                    return True
+            elif allowed == address:
+                return True
+        # The null sender (bounces) cannot be attributed to anyone, so only an
+        # unrestricted user may use it; it never matches an entry above.
+        return False
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    command_timeout: float = 300.0
+    data_timeout: float = 180.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    server: ServerConfig
+    tls: TLSConfig
+    listeners: tuple[ListenerConfig, ...]
+    users_file: Path
+    upstreams: dict[str, UpstreamConfig]
+    users: dict[str, UserConfig]
+    limits: LimitsConfig = LimitsConfig()
+
+    def user(self, name: str) -> UserConfig:
+        """The configuration of user ``name``; users without a section use the defaults."""
+        return self.users.get(name, UserConfig(name))
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and check the configuration at ``path``.
+
+    ``environ`` supplies the variables named by ``password_env`` (default: ``os.environ``).
+    Raises ConfigError listing every problem found, not just the first.
+    """
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(
+            [f"{path}: cannot read the configuration: {e.strerror}; check the path or pass --config"]
+        ) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}; correct the syntax there"]) from e
+
+    report = _Report(str(path))
+    # Relative paths in the file are relative to the file, not to wherever the
+    # daemon happens to be started; absolute so a later chdir cannot change them.
+    base = path.absolute().parent
+    top = _Table(report, "", data)
+    top.check_known(["server", "tls", "listener", "auth", "upstream", "users", "limits"])
+
+    server = _read_server(top.table("server"))
+    listeners = _read_listeners(top)
+    tls = _read_tls(top.table("tls"), base, listeners)
+    users_file, user_names = _read_auth(top.table("auth"), base)
+    upstreams = _read_upstreams(top, base, os.environ if environ is None else environ)
+    users = _read_users(top, upstreams, user_names)
+    limits = _read_limits(top.table("limits"))
+
+    if report.problems:
+        raise ConfigError(report.problems)
+    return Config(
+        path=path,
+        server=server,
+        tls=tls,
+        listeners=listeners,
+        users_file=users_file,
+        upstreams=upstreams,
+        users=users,
+        limits=limits,
+    )
+
+
+class _Report:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[str] = []
+
+    def add(self, key: str, what: str, fix: str) -> None:
+        self.problems.append(f"{self.file}: {key}: {what}; {fix}")
+
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """One TOML table with typed getters.
+
+    A getter that finds a problem reports it and returns the default (or an empty
+    placeholder for required keys): the report then stops a Config being built,
+    while reading goes on so that every problem is reported at once.
+    """
+
+    report: _Report
+    key: str
+    data: Mapping[str, object]
+
+    def key_of(self, name: str) -> str:
+        return _join_key(self.key, name)
+
+    def problem(self, name: str, what: str, fix: str) -> None:
+        self.report.add(self.key_of(name), what, fix)
+
+    def wrong_type(self, name: str, expected: str, fix: str) -> None:
+        self.problem(name, f"expected {expected}, got {_show(self.data[name])}", fix)
+
+    def check_known(self, known: Sequence[str]) -> None:
+        for name in self.data:
+            if name not in known:
+                self.problem(
+                    name,
+                    "unknown key",
+                    f"remove it or check the spelling (known keys: {', '.join(known)})",
+                )
+
+    def table(self, name: str) -> _Table:
+        value = self.data.get(name, {})
+        if not isinstance(value, dict):
+            self.wrong_type(name, "a table", f"write it as a [{self.key_of(name)}] section")
+            value = {}
+        return _Table(self.report, self.key_of(name), value)
+
+    def subtables(self, name: str) -> list[tuple[str, _Table]]:
+        """The named tables inside table ``name``, such as each [upstream.NAME]."""
+        outer = self.table(name)
+        found = []
+        for sub, value in outer.data.items():
+            if isinstance(value, dict):
+                found.append((sub, _Table(self.report, outer.key_of(sub), value)))
+            else:
+                outer.wrong_type(sub, "a table", f"write it as a [{outer.key_of(sub)}] section")
+        return found
+
+    def array_of_tables(self, name: str) -> list[_Table]:
+        value = self.data.get(name, [])
+        fix = f"write each entry as a [[{self.key_of(name)}]] section"
+        if not isinstance(value, list):
+            self.wrong_type(name, "an array of tables", fix)
+            return []
+        found = []
+        # Counted from 1, as a reader counts the [[...]] sections in the file.
+        for number, item in enumerate(value, 1):
+            key = f"{self.key_of(name)}[{number}]"
+            if isinstance(item, dict):
+                found.append(_Table(self.report, key, item))
+            else:
+                self.report.add(key, f"expected a table, got {_show(item)}", fix)
+        return found
+
+    def string(self, name: str, fix: str, *, required: bool = False) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                self.problem(name, "missing", fix)
+            return None
+        if not isinstance(value, str) or not value:
+            self.wrong_type(name, "a non-empty string", fix)
+            return None
+        return value
+
+    def required_string(self, name: str, fix: str) -> str:
+        return self.string(name, fix, required=True) or ""
+
+    def integer(self, name: str, default: int, fix: str, *, low: int, high: int) -> int:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        # bool is an int subclass in Python but true/false is no number in TOML.
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.wrong_type(name, "an integer", fix)
+            return default
+        if not low <= value <= high:
+            self.wrong_type(name, f"an integer from {low} to {high}", fix)
+            return default
+        return value
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            self.wrong_type(
+                name, "a number of seconds greater than 0", "write a number such as 30 or 2.5"
+            )
+            return default
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.wrong_type(name, "true or false", "write true or false without quotes")
+            return default
+        return value
+
+    def choice(self, name: str, choices: tuple[_Choice, ...], default: _Choice) -> _Choice:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        for choice in choices:
+            if value == choice:
+                return choice
+        listed = ", ".join(json.dumps(c) for c in choices)
+        self.wrong_type(name, f"one of {listed}", f"write one of {listed}")
+        return default
+
+    def string_list(self, name: str, fix: str) -> list[str]:
+        value = self.data.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.wrong_type(name, "an array of strings", fix)
+            return []
+        return [str(v) for v in value]
+
+    def path(self, name: str, base: Path, fix: str, *, required: bool = False) -> Path | None:
+        value = self.string(name, fix, required=required)
+        return None if value is None else base / value
+
+    def read_file(self, name: str, path: Path, fix: str) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            self.problem(name, f"cannot read {path}: {e.strerror}", fix)
+            return None
+
+
+def _join_key(prefix: str, name: str) -> str:
+    # Quoted as TOML would need it, so that the key can be found in the file.
+    part = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+    return f"{prefix}.{part}" if prefix else part
+
+
+def _show(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str | bool | int | float):
+        return json.dumps(value)
+    # TOML dates and times.
+    return f"a {type(value).__name__}"
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_server(table: _Table) -> ServerConfig:
+    table.check_known(["hostname", "max_message_size", "max_recipients"])
+    return ServerConfig(
+        hostname=table.required_string(
+            "hostname", "write the name this relay announces, such as \"relay.example.org\""
+        ),
+        max_message_size=table.integer(
+            "max_message_size",
+            ServerConfig.max_message_size,
+            "write a size in bytes such as 36700160",
+            low=1,
+            high=2**63 - 1,
+        ),
+        max_recipients=table.integer(
+            "max_recipients",
+            ServerConfig.max_recipients,
+            "write a number of recipients such as 100",
+            low=1,
+            high=2**31 - 1,
+        ),
+    )
+
+
+# Endpoint types that yield a plain stream for relayproxy to run SMTP (and its
+# own TLS) over.  "haproxy" wraps one of the others, so its inner type is checked too.
+_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+
+
+def _endpoint_problem(endpoint: str) -> tuple[str, str] | None:
+    """What is wrong with a Twisted server endpoint string, and the fix, if anything."""
+    # Twisted escapes a colon inside a field with a backslash.
+    fields = re.split(r"(?<!\\):", endpoint)
+    kind = fields[0].lower()
+    if kind == "haproxy" and len(fields) > 1:
+        kind = fields[1].lower()
+    if kind in ("ssl", "tls"):
+        return (
+            f"relayproxy does its own TLS, so {kind}: endpoints are not used",
+            'use a tcp endpoint with tls = "implicit" instead, such as "tcp:465"',
+        )
+    if kind not in _ENDPOINT_TYPES or len(fields) < 2 or not fields[1]:
+        return (
+            f"not a server endpoint of a known type ({', '.join(_ENDPOINT_TYPES)}, haproxy)",
+            'write one such as "tcp:587:interface=0.0.0.0"',
+        )
+    return None
+
+
+def _binds_locally(endpoint: str) -> bool:
+    """Can only clients on this host connect to ``endpoint``?"""
+    fields = re.split(r"(?<!\\):", endpoint)
+    if fields[0].lower() == "unix":
+        # A Unix socket never leaves the host, like a loopback interface.
+        return True
+    for f in fields[1:]:
+        name, _, value = f.partition("=")
+        if name == "interface":
+            return _is_loopback_host(value.replace("\\:", ":"))
+    return False
+
+
+def _read_listeners(top: _Table) -> tuple[ListenerConfig, ...]:
+    tables = top.array_of_tables("listener")
+    if not top.data.get("listener"):
+        top.problem(
+            "listener",
+            "missing: nothing would accept connections",
+            'add a [[listener]] section with endpoint = "tcp:587"',
+        )
+    listeners = []
+    for table in tables:
+        table.check_known(["endpoint", "tls", "allow_plaintext_auth"])
+        endpoint = table.required_string("endpoint", 'write one such as "tcp:587:interface=0.0.0.0"')
+        if endpoint:
+            problem = _endpoint_problem(endpoint)
+            if problem:
+                table.problem("endpoint", *problem)
+        tls = table.choice("tls", _LISTENER_TLS, "starttls")
+        allow_plaintext_auth = table.boolean("allow_plaintext_auth", False)
+        if tls == "none" and endpoint and not allow_plaintext_auth and not _binds_locally(endpoint):
+            table.problem(
+                "tls",
+                "\"none\" would let passwords cross the network in the clear",
+                'use "starttls" or "implicit", bind a loopback interface such as '
+                '"tcp:2525:interface=127.0.0.1", or set allow_plaintext_auth = true',
+            )
+        listeners.append(ListenerConfig(endpoint, tls, allow_plaintext_auth))
+    return tuple(listeners)
+
+
+def _read_tls(table: _Table, base: Path, listeners: tuple[ListenerConfig, ...]) -> TLSConfig:
+    table.check_known(["certificate", "key"])
+    certificate = table.path("certificate", base, "write the path of a PEM certificate file")
+    key = table.path("key", base, "write the path of a PEM private key file")
+    if certificate is None and key is None:
+        for number, listener in enumerate(listeners, 1):
+            if listener.tls != "none":
+                table.problem(
+                    "certificate",
+                    f'missing, but listener[{number}] has tls = "{listener.tls}"',
+                    "set [tls] certificate and key to PEM files",
+                )
+                break
+        return TLSConfig()
+    if certificate is None or key is None:
+        missing, present = ("certificate", "key") if certificate is None else ("key", "certificate")
+        table.problem(missing, f"missing, but {present} is set", "set both or neither")
+        return TLSConfig(certificate, key)
+
+    fix = "check the path and that the relayproxy user may read it"
+    cert_pem = table.read_file("certificate", certificate, fix)
+    key_pem = table.read_file("key", key, fix)
+    if cert_pem is None or key_pem is None:
+        return TLSConfig(certificate, key)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        table.problem(
+            "certificate", f"{certificate} holds no PEM certificate", "point it at a PEM certificate file"
+        )
+        return TLSConfig(certificate, key)
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        # TypeError: the key is encrypted; the daemon has no one to ask for a passphrase.
+        table.problem(
+            "key",
+            f"{key} holds no usable PEM private key ({e})",
+            "point it at an unencrypted PEM private key file",
+        )
+        return TLSConfig(certificate, key)
+    if not isinstance(private_key, _TLS_KEY_TYPES):
+        table.problem(
+            "key",
+            f"{key} holds a {type(private_key).__name__}, which cannot serve TLS",
+            "use an RSA, ECDSA or EdDSA key",
+        )
+        return TLSConfig(certificate, key)
+    # Ask OpenSSL itself, the library that will serve with this pair.
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    try:
+        context.use_certificate(cert)
+        context.use_privatekey(private_key)
+        context.check_privatekey()
+    except SSL.Error:
+        table.problem(
+            "key",
+            f"key does not match certificate {certificate}",
+            "point key at the private key the certificate was issued for",
+        )
+    return TLSConfig(certificate, key)
+
+
+_TLS_KEY_TYPES = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    dsa.DSAPrivateKey,
+)
+
+
+def _read_auth(table: _Table, base: Path) -> tuple[Path, frozenset[str]]:
+    table.check_known(["users_file"])
+    fix = "create it with: relayproxy passwd add NAME, or let the relayproxy user read it"
+    path = table.path("users_file", base, "write the path of the users file", required=True)
+    if path is None:
+        return Path(), frozenset()
+    try:
+        users = read_users_file(path)
+    except OSError as e:
+        table.problem("users_file", f"cannot read {path}: {e.strerror}", fix)
+        return path, frozenset()
+    except UsersFileError as e:
+        # Each problem names its line and carries its own fix.
+        key = table.key_of("users_file")
+        table.report.problems.extend(f"{table.report.file}: {key}: {p}" for p in e.problems)
+        return path, frozenset()
+    return path, frozenset(users)
+
+
+def _read_upstreams(top: _Table, base: Path, environ: Mapping[str, str]) -> dict[str, UpstreamConfig]:
+    upstreams = {}
+    tables = top.subtables("upstream")
+    if not top.data.get("upstream"):
+        top.problem(
+            "upstream",
+            "missing: there is nowhere to relay mail to",
+            'add an [upstream.default] section with host = "smtp.example.com"',
+        )
+    for name, table in tables:
+        upstreams[name] = _read_upstream(name, table, base, environ)
+    return upstreams
+
+
+def _read_upstream(name: str, table: _Table, base: Path, environ: Mapping[str, str]) -> UpstreamConfig:
+    table.check_known(
+        [
+            "host",
+            "port",
+            "tls",
+            "ca_file",
+            "username",
+            "password_file",
+            "password_env",
+            "helo_name",
+            "connect_timeout",
+            "reply_timeout",
+            "data_timeout",
+        ]
+    )
+    host = table.required_string("host", 'write the provider\'s SMTP server, such as "smtp.gmail.com"')
+    tls = table.choice("tls", _UPSTREAM_TLS, "starttls")
+    port = table.integer(
+        "port",
+        {"implicit": 465, "starttls": 587, "none": 25}[tls],
+        "write a port number such as 465",
+        low=1,
+        high=65535,
+    )
+    ca_file = table.path("ca_file", base, "write the path of a PEM file of CA certificates")
+    if ca_file is not None:
+        table.read_file("ca_file", ca_file, "check the path and that the relayproxy user may read it")
+    username = table.string("username", 'write the login name, such as "relay@example.com"')
+    password = _read_upstream_password(table, base, environ)
+    # Judged by presence, not by validity: a bad value has been reported already.
+    has_username = "username" in table.data
+    has_password = "password_file" in table.data or "password_env" in table.data
+    if has_username and not has_password:
+        table.problem("username", "set without a password", "set password_file or password_env too")
+    if has_password and not has_username:
+        table.problem("username", "missing, but a password is set", "set username too")
+    if tls == "none" and host:
+        if not _is_loopback_host(host):
+            table.problem(
+                "tls",
+                f'"none" is only allowed for a loopback host, not {json.dumps(host)}',
+                'use "implicit" or "starttls"',
+            )
+        elif has_username or has_password:
+            table.problem(
+                "tls",
+                '"none" with credentials configured: relayproxy never sends credentials in the clear',
+                'use "implicit" or "starttls", or remove username and password',
+            )
+    return UpstreamConfig(
+        name=name,
+        host=host,
+        port=port,
+        tls=tls,
+        ca_file=ca_file,
+        username=username,
+        password=password,
+        helo_name=table.string("helo_name", 'write a host name such as "relay.example.org"'),
+        connect_timeout=table.seconds("connect_timeout", UpstreamConfig.connect_timeout),
+        reply_timeout=table.seconds("reply_timeout", UpstreamConfig.reply_timeout),
+        data_timeout=table.seconds("data_timeout", UpstreamConfig.data_timeout),
+    )
+
+
+def _read_upstream_password(table: _Table, base: Path, environ: Mapping[str, str]) -> str | None:
+    password_file = table.path("password_file", base, "write the path of a file holding the password")
+    variable = table.string("password_env", "write the name of an environment variable")
+    if password_file is not None and variable is not None:
+        table.problem("password_env", "set together with password_file", "set only one of them")
+        return None
+    if password_file is not None:
+        data = table.read_file(
+            "password_file", password_file, "check the path and that the relayproxy user may read it"
+        )
+        if data is None:
+            return None
+        try:
+            password = data.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            table.problem("password_file", f"{password_file} is not UTF-8 text", "write the password as UTF-8")
+            return None
+        if not password:
+            table.problem("password_file", f"{password_file} is empty", "write the password into it")
+            return None
+        return password
+    if variable is not None:
+        value = environ.get(variable)
+        if not value:
+            table.problem(
+                "password_env",
+                f"the environment variable {variable} is not set or empty",
+                "set it in the environment relayproxy starts with",
+            )
+            return None
+        return value
+    return None
+
+
+def _read_users(
+    top: _Table, upstreams: Mapping[str, UpstreamConfig], user_names: frozenset[str]
+) -> dict[str, UserConfig]:
+    users = {}
+    upstream_list = ", ".join(upstreams) or "none"
+    for name, table in top.subtables("users"):
+        table.check_known(["upstream", "allowed_senders"])
+        upstream = table.string("upstream", "write the name of an [upstream.NAME] section") or DEFAULT_UPSTREAM
+        if upstreams and upstream not in upstreams:
+            table.problem(
+                "upstream",
+                f"no [upstream.{upstream}] section",
+                f"name one of the configured upstreams ({upstream_list}) or add that section",
+            )
+        senders = []
+        fix = 'write addresses such as "alice@example.com" or whole domains such as "@example.com"'
+        for sender in table.string_list("allowed_senders", fix):
+            _, at, domain = sender.rpartition("@")
+            if not at or not domain:
+                table.problem("allowed_senders", f"{json.dumps(sender)} is no address or @domain", fix)
+            senders.append(sender.lower())
+        users[name] = UserConfig(name, upstream, tuple(senders))
+    if upstreams and DEFAULT_UPSTREAM not in upstreams:
+        for name in sorted(user_names - users.keys()):
+            top.report.add(
+                _join_key("users", name),
+                f"user {name} from the users file has no [users.{name}] section and there is no "
+                f"[upstream.{DEFAULT_UPSTREAM}] to route it to",
+                f'add [users.{name}] with upstream = "NAME" or an [upstream.{DEFAULT_UPSTREAM}] section',
+            )
+    return users
+
+
+def _read_limits(table: _Table) -> LimitsConfig:
+    table.check_known(["command_timeout", "data_timeout"])
+    return LimitsConfig(
+        command_timeout=table.seconds("command_timeout", LimitsConfig.command_timeout),
+        data_timeout=table.seconds("data_timeout", LimitsConfig.data_timeout),
+    )

@@ -1,0 +1,278 @@
+"""Who may log in: an htpasswd-style users file of bcrypt hashes, behind twisted.cred.
+
+The file format is the one ``htpasswd -B`` writes, so either tool can maintain it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import bcrypt
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+if TYPE_CHECKING:
+    # Only for annotations: the config module imports this one at run time.
+    from relayproxy.config import Config, UpstreamConfig, UserConfig
+
+# What twisted.cred passes from checker to realm: a user name in UTF-8 (or
+# ANONYMOUS, the empty tuple, which this module never produces).
+AvatarId = bytes | tuple[()]
+RunInThread = Callable[[Callable[[], AvatarId]], Deferred[AvatarId]]
+
+# bcrypt ignores everything after the 72nd byte; bcrypt 5 raises instead, so
+# truncate as htpasswd and every other bcrypt implementation do.
+_BCRYPT_MAX_BYTES = 72
+_BCRYPT_HASH = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+DEFAULT_ROUNDS = 12
+
+_log = Logger()
+
+
+class UsersFileError(ValueError):
+    """The users file has bad lines; ``problems`` holds one ``path:lineno: problem; fix`` each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def user_name_problem(name: str) -> str | None:
+    """What makes ``name`` unusable as a user name, if anything."""
+    if not name:
+        return "the user name is empty"
+    if ":" in name:
+        return "a user name cannot contain ':'"
+    if any(c.isspace() or not c.isprintable() for c in name):
+        return "a user name cannot contain spaces or control characters"
+    return None
+
+
+def read_users_file(path: Path) -> dict[str, bytes]:
+    """The users in ``path`` as name → bcrypt hash.
+
+    Raises OSError if the file cannot be read, UsersFileError listing every bad line.
+    """
+    users: dict[str, bytes] = {}
+    problems = []
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        problem = _line_problem(line, users)
+        if problem is None:
+            name, _, hashed = line.partition(b":")
+            users[name.decode("utf-8")] = hashed
+        else:
+            problems.append(f"{path}:{lineno}: {problem}")
+    if problems:
+        raise UsersFileError(problems)
+    return users
+
+
+def _line_problem(line: bytes, users: Mapping[str, bytes]) -> str | None:
+    """What is wrong with a ``NAME:HASH`` line, and the fix, if anything."""
+    name_bytes, colon, hashed = line.partition(b":")
+    if not colon:
+        return "expected NAME:HASH; write one user per line as NAME:HASH, or delete the line"
+    try:
+        name = name_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "the user name is not UTF-8; rename the user"
+    problem = user_name_problem(name)
+    if problem:
+        return f"{problem}; rename the user"
+    if name in users:
+        return f"user {name} appears a second time; delete one of the lines"
+    if not _BCRYPT_HASH.fullmatch(hashed):
+        return (
+            f"the hash of user {name} is not bcrypt ($2a$, $2b$ or $2y$); "
+            f"set the password again with: relayproxy passwd add {name}"
+        )
+    return None
+
+
+def write_users_file(path: Path, users: Mapping[str, bytes]) -> None:
+    """Replace ``path`` with ``users`` atomically: readers see the old file or the new, never half."""
+    text = b"".join(name.encode("utf-8") + b":" + hashed + b"\n" for name, hashed in users.items())
+    # mkstemp creates the file with mode 0600, so the hashes are never readable by others.
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                existing = os.stat(path)
+            except FileNotFoundError:
+                pass
+            else:
+                # Keep the owner and group, typically the daemon's, when root edits the file.
+                if (existing.st_uid, existing.st_gid) != (os.getuid(), os.getgid()):
+                    os.fchown(f.fileno(), existing.st_uid, existing.st_gid)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    # The rename itself is only durable once the directory is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def hash_password(password: str, rounds: int = DEFAULT_ROUNDS) -> bytes:
+    """A ``$2b$`` bcrypt hash of ``password``.
+
+    Raises ValueError for a password bcrypt would silently truncate.
+    """
+    secret = password.encode("utf-8")
+    if len(secret) > _BCRYPT_MAX_BYTES:
+        raise ValueError(f"the password is longer than bcrypt's {_BCRYPT_MAX_BYTES} bytes")
+    return bcrypt.hashpw(secret, bcrypt.gensalt(rounds, prefix=b"2b"))
+
+
+def check_password(password: str | bytes, hashed: bytes) -> bool:
+    """Does ``password`` match the bcrypt ``hashed``?  Slow on purpose: call it in a thread."""
+    secret = password.encode("utf-8") if isinstance(password, str) else password
+    # bcrypt 5 accepts $2y$ (htpasswd's prefix) as well as $2a$ and $2b$.
+    return bcrypt.checkpw(secret[:_BCRYPT_MAX_BYTES], hashed)
+
+
+class IRelayUser(Interface):
+    """A logged-in SMTP client: who it is and where its mail goes."""
+
+    name = Attribute("The user name it logged in with (str).")
+    config = Attribute("Its UserConfig.")
+    upstream = Attribute("The UpstreamConfig its mail is relayed through.")
+
+
+@implementer(IRelayUser)
+@dataclass(frozen=True)
+class RelayUser:
+    name: str
+    config: UserConfig
+    upstream: UpstreamConfig
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The users file as last read, and what identifies that version of it."""
+
+    version: tuple[int, int, int, int]
+    users: dict[str, bytes]
+    # Checked for unknown users, at the cost most users have, so that a failed
+    # login takes as long whether or not the name exists.
+    dummy_hash: bytes
+
+
+@implementer(ICredentialsChecker)
+class UsersFileChecker:
+    """Checks user names and passwords against the users file.
+
+    ``run_in_thread`` runs the blocking work (file reads and the deliberately slow
+    bcrypt) off the reactor thread, such as ``twisted.internet.threads.deferToThread``.
+    A wrong name or password fails with UnauthorizedLogin; an unreadable or broken
+    users file with OSError or UsersFileError, which is the server's fault, not the client's.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, path: Path, run_in_thread: RunInThread) -> None:
+        self._path = path
+        self._run_in_thread = run_in_thread
+        self._snapshot: _Snapshot | None = None
+
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[AvatarId]:
+        username: str | bytes = credentials.username
+        password: str | bytes = credentials.password
+        return self._run_in_thread(lambda: self._check(username, password))
+
+    def _check(self, username: str | bytes, password: str | bytes) -> bytes:
+        snapshot = self._current()
+        name = _text_or_none(username)
+        hashed = None if name is None else snapshot.users.get(name)
+        if name is None or hashed is None:
+            check_password(password, snapshot.dummy_hash)
+        elif check_password(password, hashed):
+            return name.encode("utf-8")
+        # One message for both cases: the reply must not tell which names exist.
+        raise UnauthorizedLogin("unknown user or wrong password")
+
+    def _current(self) -> _Snapshot:
+        """The users file, re-read only if it changed since the last read."""
+        stat = os.stat(self._path)
+        # The inode changes on an atomic replace even within one mtime tick.
+        version = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot.version == version:
+            return snapshot
+        users = read_users_file(self._path)
+        costs = collections.Counter(int(h[4:6]) for h in users.values())
+        cost = costs.most_common(1)[0][0] if costs else DEFAULT_ROUNDS
+        if snapshot is not None and int(snapshot.dummy_hash[4:6]) == cost:
+            dummy_hash = snapshot.dummy_hash
+        else:
+            dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(cost))
+        # Checks may run in several threads at once; replacing one immutable
+        # snapshot keeps each of them consistent without a lock.
+        self._snapshot = _Snapshot(version, users, dummy_hash)
+        return self._snapshot
+
+
+def _text_or_none(name: str | bytes) -> str | None:
+    if isinstance(name, str):
+        return name
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        # Such a name cannot be in the file, which is read as UTF-8.
+        return None
+
+
+@implementer(IRealm)
+class RelayRealm:
+    """Turns a checked user name into a RelayUser with its configuration."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def requestAvatar(
+        self, avatarId: AvatarId, mind: object, *interfaces: type[Interface]
+    ) -> tuple[type[Interface], RelayUser, Callable[[], None]]:
+        if IRelayUser not in interfaces:
+            raise NotImplementedError("RelayRealm only provides IRelayUser")
+        if not isinstance(avatarId, bytes):
+            # ANONYMOUS: no checker here produces it, but a Portal may hold others.
+            raise UnauthorizedLogin("anonymous users may not relay")
+        name = avatarId.decode("utf-8")
+        user_config = self._config.user(name)
+        upstream = self._config.upstreams.get(user_config.upstream)
+        if upstream is None:
+            # Possible for a user added to the users file after the configuration
+            # was checked, when there is no default upstream.
+            _log.error(
+                "User {user} has no [users.{user}] section and there is no upstream {upstream}",
+                user=name,
+                upstream=user_config.upstream,
+            )
+            raise UnauthorizedLogin("user has no upstream")
+        return IRelayUser, RelayUser(name, user_config, upstream), lambda: None
+
+
+def make_portal(config: Config, run_in_thread: RunInThread) -> Portal:
+    """The Portal that SMTP AUTH logs in through; its avatars provide IRelayUser."""
+    return Portal(RelayRealm(config), [UsersFileChecker(config.users_file, run_in_thread)])

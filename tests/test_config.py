@@ -1,0 +1,295 @@
+"""load_config: a full configuration loads, and each kind of mistake is one clear line."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import trustme
+
+from relayproxy.config import Config, UserConfig, load_config
+from relayproxy.credentials import hash_password, write_users_file
+from relayproxy.errors import ConfigError
+
+VALID = """\
+[server]
+hostname = "relay.test"
+max_recipients = 50
+
+[tls]
+certificate = "cert.pem"
+key = "key.pem"
+
+[[listener]]
+endpoint = "tcp:587:interface=0.0.0.0"
+
+[[listener]]
+endpoint = "tcp:465"
+tls = "implicit"
+
+[[listener]]
+endpoint = "tcp:2525:interface=127.0.0.1"
+tls = "none"
+
+[auth]
+users_file = "users"
+
+[upstream.default]
+host = "smtp.provider.example"
+tls = "implicit"
+username = "account@provider.example"
+password_file = "secret"
+connect_timeout = 10
+
+[upstream.other]
+host = "smtp.other.example"
+username = "other@other.example"
+password_env = "OTHER_PASSWORD"
+
+[upstream.local]
+host = "127.0.0.1"
+tls = "none"
+
+[users.alice]
+upstream = "other"
+allowed_senders = ["Alice@Example.com", "@Team.Example.com"]
+
+[limits]
+command_timeout = 60
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    ca = trustme.CA()
+    cert = ca.issue_cert("relay.test")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.issue_cert("other.test").private_key_pem.write_to_path(str(tmp_path / "other-key.pem"))
+    hashed = hash_password("pw", rounds=4)
+    write_users_file(tmp_path / "users", {"alice": hashed, "bob": hashed})
+    (tmp_path / "secret").write_text("s3cret\n")
+    return tmp_path
+
+
+def load(config_dir: Path, text: str, environ: dict[str, str] | None = None) -> Config:
+    path = config_dir / "relayproxy.toml"
+    path.write_text(text)
+    return load_config(path, {"OTHER_PASSWORD": "other-pw"} if environ is None else environ)
+
+
+def problems(config_dir: Path, text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(config_dir, text, environ)
+    file = str(config_dir / "relayproxy.toml")
+    for line in info.value.problems:
+        assert line.startswith(file + ": "), line
+        assert "\n" not in line
+        assert "; " in line
+    return info.value.problems
+
+
+def edited(old: str, new: str, text: str = VALID) -> str:
+    assert old in text
+    return text.replace(old, new)
+
+
+def test_valid_config_loads(config_dir: Path) -> None:
+    config = load(config_dir, VALID)
+    assert config.server.hostname == "relay.test"
+    assert config.server.max_recipients == 50
+    assert config.server.max_message_size == 35 * 1024 * 1024
+    assert config.tls.certificate == config_dir / "cert.pem"
+    assert [listener.tls for listener in config.listeners] == ["starttls", "implicit", "none"]
+    assert config.users_file == config_dir / "users"
+    default = config.upstreams["default"]
+    assert (default.port, default.password, default.connect_timeout) == (465, "s3cret", 10.0)
+    assert config.upstreams["other"].port == 587
+    assert config.upstreams["other"].password == "other-pw"
+    assert config.upstreams["local"].port == 25
+    assert config.users["alice"].allowed_senders == ("alice@example.com", "@team.example.com")
+    assert config.user("bob") == UserConfig("bob", "default")
+    assert config.limits.command_timeout == 60.0
+    assert "s3cret" not in repr(config)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.toml")
+    [line] = info.value.problems
+    assert line.startswith(f"{tmp_path / 'nope.toml'}: cannot read")
+
+
+def test_toml_syntax_error(config_dir: Path) -> None:
+    [line] = problems(config_dir, "[server\n")
+    assert "not valid TOML" in line and "line 1" in line
+
+
+def test_unknown_key(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('host = "smtp.other.example"', 'host = "smtp.other.example"\nprot = 25'))
+    assert ": upstream.other.prot: unknown key; remove it or check the spelling (known keys: host, port" in line
+
+
+def test_wrong_type(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited("connect_timeout = 10", 'port = "x"'))
+    assert line.endswith(
+        ': upstream.default.port: expected an integer, got "x"; write a port number such as 465'
+    )
+
+
+def test_missing_users_file(config_dir: Path) -> None:
+    (config_dir / "users").unlink()
+    [line] = problems(config_dir, VALID)
+    assert ": auth.users_file: cannot read " in line and "No such file" in line
+
+
+def test_bad_users_file_line(config_dir: Path) -> None:
+    with (config_dir / "users").open("a") as f:
+        f.write("carol:$apr1$abc$def\n")
+    [line] = problems(config_dir, VALID)
+    assert f": auth.users_file: {config_dir / 'users'}:3: the hash of user carol is not bcrypt" in line
+
+
+def test_unreadable_ca_file(config_dir: Path) -> None:
+    # A directory cannot be read as a file even by root, unlike a file with mode 0.
+    (config_dir / "ca.pem").mkdir()
+    [line] = problems(config_dir, edited('tls = "implicit"\nusername', 'tls = "implicit"\nca_file = "ca.pem"\nusername'))
+    assert ": upstream.default.ca_file: cannot read " in line and "Is a directory" in line
+
+
+def test_missing_ca_file(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('tls = "implicit"\nusername', 'tls = "implicit"\nca_file = "ca.pem"\nusername'))
+    assert ": upstream.default.ca_file: cannot read " in line
+
+
+def test_key_not_matching_certificate(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('key = "key.pem"', 'key = "other-key.pem"'))
+    assert ": tls.key: key does not match certificate " in line
+
+
+def test_certificate_without_key(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('key = "key.pem"\n', ""))
+    assert ": tls.key: missing, but certificate is set; set both or neither" in line
+
+
+def test_tls_listener_needs_certificate(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('certificate = "cert.pem"\nkey = "key.pem"\n', ""))
+    assert ': tls.certificate: missing, but listener[1] has tls = "starttls"' in line
+
+
+def test_user_routed_to_missing_upstream(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('upstream = "other"', 'upstream = "gmail"'))
+    assert ": users.alice.upstream: no [upstream.gmail] section; " in line
+
+
+def test_user_without_section_needs_default_upstream(config_dir: Path) -> None:
+    [line] = problems(config_dir, VALID.replace("upstream.default]", "upstream.main]"))
+    assert ": users.bob: user bob from the users file has no [users.bob] section" in line
+
+
+def test_no_listeners(config_dir: Path) -> None:
+    text = VALID.split("[[listener]]")[0] + "[auth]" + VALID.split("[auth]")[1]
+    [line] = problems(config_dir, text)
+    assert ": listener: missing: nothing would accept connections; " in line
+
+
+def test_plaintext_listener_on_all_interfaces_refused(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited("tcp:2525:interface=127.0.0.1", "tcp:2525:interface=0.0.0.0"))
+    assert ": listener[3].tls: " in line and "in the clear" in line
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp:2525:interface=127.0.0.1", r"tcp6:2525:interface=\:\:1", "tcp:2525:interface=localhost", "unix:/run/relay.sock"],
+)
+def test_plaintext_listener_on_loopback_allowed(config_dir: Path, endpoint: str) -> None:
+    # A TOML literal string, so the backslashes of Twisted's escapes stay as written.
+    text = edited('"tcp:2525:interface=127.0.0.1"', f"'{endpoint}'")
+    assert load(config_dir, text).listeners[2].endpoint == endpoint
+
+
+def test_plaintext_listener_allowed_explicitly(config_dir: Path) -> None:
+    text = edited('endpoint = "tcp:2525:interface=127.0.0.1"', 'endpoint = "tcp:2525"\nallow_plaintext_auth = true')
+    assert load(config_dir, text).listeners[2].allow_plaintext_auth
+
+
+def test_ssl_endpoint_refused(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('"tcp:465"', '"ssl:465"'))
+    assert ': listener[2].endpoint: ' in line and 'tls = "implicit"' in line
+
+
+def test_unknown_endpoint_type(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('"tcp:465"', '"udp:465"'))
+    assert ": listener[2].endpoint: not a server endpoint of a known type" in line
+
+
+def test_upstream_without_tls_needs_loopback_host(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('host = "127.0.0.1"', 'host = "mail.example.com"'))
+    assert ': upstream.local.tls: "none" is only allowed for a loopback host' in line
+
+
+def test_upstream_without_tls_never_gets_credentials(config_dir: Path) -> None:
+    text = edited('host = "127.0.0.1"', 'host = "127.0.0.1"\nusername = "u"\npassword_env = "OTHER_PASSWORD"')
+    [line] = problems(config_dir, text)
+    assert ": upstream.local.tls: " in line and "never sends credentials in the clear" in line
+
+
+def test_upstream_password_rules(config_dir: Path) -> None:
+    text = edited('password_env = "OTHER_PASSWORD"', 'password_env = "OTHER_PASSWORD"\npassword_file = "secret"')
+    [both] = problems(config_dir, text)
+    assert ": upstream.other.password_env: set together with password_file" in both
+    [unset] = problems(config_dir, VALID, environ={})
+    assert ": upstream.other.password_env: the environment variable OTHER_PASSWORD is not set" in unset
+    [alone] = problems(config_dir, edited('username = "other@other.example"\n', ""))
+    assert ": upstream.other.username: missing, but a password is set" in alone
+
+
+def test_bad_allowed_sender(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('"@Team.Example.com"', '"team.example.com"'))
+    assert ': users.alice.allowed_senders: "team.example.com" is no address or @domain' in line
+
+
+def test_many_problems_reported_together(config_dir: Path) -> None:
+    text = textwrap.dedent(
+        """\
+        [server]
+        max_recipients = true
+        colour = "blue"
+
+        [auth]
+        users_file = "missing"
+
+        [upstream.default]
+        host = "smtp.example.com"
+        tls = "sometimes"
+        """
+    )
+    lines = problems(config_dir, text)
+    keys = [line.split(": ")[1] for line in lines]
+    assert keys == [
+        "server.colour",
+        "server.hostname",
+        "server.max_recipients",
+        "listener",
+        "auth.users_file",
+        "upstream.default.tls",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "address", "expected"),
+    [
+        ((), "anyone@anywhere.example", True),
+        ((), "", True),
+        (("alice@example.com",), "Alice@EXAMPLE.com", True),
+        (("alice@example.com",), "bob@example.com", False),
+        (("@example.com",), "bob@Example.COM", True),
+        (("@example.com",), "bob@sub.example.com", False),
+        (("@example.com",), "example.com", False),
+        (("alice@example.com", "@example.com"), "", False),
+        (("Alice@Example.com",), "alice@example.com", True),
+    ],
+)
+def test_may_send(allowed: tuple[str, ...], address: str, expected: bool) -> None:
+    assert UserConfig("alice", allowed_senders=allowed).may_send(address) is expected
