@@ -12,6 +12,7 @@ import shlex
 import ssl
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def run_demo(directory: Path | None, port: int, plain_port: int, smarthost_port:
     from relayproxy.errors import ConfigError
     from relayproxy.tap import build_service
 
+    # aiosmtpd warns about its own deprecated attribute on every AUTH; not the operator's concern.
+    warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
     work = directory or Path(tempfile.mkdtemp(prefix="relayproxy-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "mail").mkdir(exist_ok=True)

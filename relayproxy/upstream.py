@@ -164,6 +164,9 @@ class UpstreamConnector:
             trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))  # type: ignore[no-untyped-call]
         self._tls_options = ssl.optionsForClientTLS(cfg.host, trustRoot=trust)
         self._ehlo = f"EHLO {cfg.helo_name or self.local_hostname}".encode("ascii")
+        self._factory = Factory.forProtocol(lambda: UpstreamProtocol(self.reactor))
+        # One "Starting factory" log line per upstream connection is noise.
+        self._factory.noisy = False
 
     def _endpoint(self) -> Any:
         tcp = HostnameEndpoint(self.reactor, self.config.host, self.config.port, timeout=self.config.connect_timeout)
@@ -176,9 +179,7 @@ class UpstreamConnector:
         cfg = self.config
         name = cfg.name
         try:
-            proto: UpstreamProtocol = await self._endpoint().connect(
-                Factory.forProtocol(lambda: UpstreamProtocol(self.reactor))
-            )
+            proto: UpstreamProtocol = await self._endpoint().connect(self._factory)
         except (ConnectError, OSError) as e:
             raise UpstreamError(Catalogue.upstream_unreachable(name), f"connect to {cfg.host}:{cfg.port}: {e}") from None
         session = UpstreamSession(proto, cfg)

@@ -49,7 +49,12 @@ class BodyDecoder:
         self._out_line_start = True
         self._line_length = 0
         self.size = 0
-        self.fault: BodyFault | None = None
+        self._faults: set[BodyFault] = set()
+
+    @property
+    def fault(self) -> BodyFault | None:
+        """The one fault reported, by a fixed precedence so it does not depend on how input was split."""
+        return next((f for f in BodyFault if f in self._faults), None)
 
     def feed(self, chunk: bytes) -> Chunk:
         data = self._pending + chunk if self._pending else chunk
@@ -68,22 +73,21 @@ class BodyDecoder:
 
     def _holdback(self, data: bytes) -> int:
         """How many trailing bytes could still become an end of data (or a CRLF) with more input."""
+        if self._after_crlf and data in (b".", b".\r"):
+            return len(data)
         for k in (4, 3, 2, 1):
             if data.endswith(END_OF_DATA[:k]):
                 return k
-        if self._after_crlf and data in (b".", b".\r"):
-            return len(data)
         return 0
 
     def _convert(self, raw: bytes) -> bytes:
         if not raw:
             return b""
         self.size += len(raw)
-        if self.fault is None:
-            if self.size > self._max_size:
-                self.fault = BodyFault.TOO_BIG
-            elif b"\x00" in raw:
-                self.fault = BodyFault.NUL
+        if self.size > self._max_size:
+            self._faults.add(BodyFault.TOO_BIG)
+        if b"\x00" in raw:
+            self._faults.add(BodyFault.NUL)
         # Undo the client's dot-stuffing: only lines that started after a real CRLF were stuffed.
         body = raw.replace(b"\r\n.", b"\r\n")
         if self._after_crlf and body.startswith(b"."):
@@ -91,7 +95,7 @@ class BodyDecoder:
         self._after_crlf = raw.endswith(b"\r\n")
         body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         self._check_line_lengths(body)
-        if self.fault is not None:
+        if self._faults:
             return b""
         body = body.replace(b"\n.", b"\n..")
         if self._out_line_start and body.startswith(b"."):
@@ -112,5 +116,5 @@ class BodyDecoder:
         self._line_length_seen(self._line_length)
 
     def _line_length_seen(self, length: int) -> None:
-        if length > MAX_BODY_LINE and self.fault is None:
-            self.fault = BodyFault.LINE_TOO_LONG
+        if length > MAX_BODY_LINE:
+            self._faults.add(BodyFault.LINE_TOO_LONG)
