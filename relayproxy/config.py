@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -99,6 +99,17 @@ class UserConfig:
 class LimitsConfig:
     command_timeout: float = 300.0
     data_timeout: float = 180.0
+    session_timeout: float = 3600.0
+    greeting_delay: float = 0.0
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_auth_failures_per_session: int = 3
+    auth_failures_per_ip: int = 10
+    auth_failures_per_user: int = 10
+    auth_failure_window: float = 600.0
+    auth_backoff: float = 60.0
+    auth_backoff_max: float = 3600.0
+    max_invalid_commands: int = 20
 
 
 @dataclass(frozen=True)
@@ -676,9 +687,19 @@ def _read_users(
     return users
 
 
+_LIMIT_SECONDS = ("command_timeout", "data_timeout", "session_timeout", "auth_failure_window", "auth_backoff", "auth_backoff_max")
+_LIMIT_COUNTS = (
+    "max_connections", "max_connections_per_ip", "max_auth_failures_per_session",
+    "auth_failures_per_ip", "auth_failures_per_user", "max_invalid_commands",
+)
+
+
 def _read_limits(table: _Table) -> LimitsConfig:
-    table.check_known(["command_timeout", "data_timeout"])
-    return LimitsConfig(
-        command_timeout=table.seconds("command_timeout", LimitsConfig.command_timeout),
-        data_timeout=table.seconds("data_timeout", LimitsConfig.data_timeout),
-    )
+    table.check_known([*_LIMIT_SECONDS, *_LIMIT_COUNTS, "greeting_delay"])
+    defaults = LimitsConfig()
+    values: dict[str, Any] = {name: table.seconds(name, getattr(defaults, name)) for name in _LIMIT_SECONDS}
+    for name in _LIMIT_COUNTS:
+        values[name] = table.integer(name, getattr(defaults, name), "write a whole number of at least 1", low=1, high=10**9)
+    delay = table.data.get("greeting_delay")
+    values["greeting_delay"] = 0.0 if delay == 0 else table.seconds("greeting_delay", defaults.greeting_delay)
+    return LimitsConfig(**values)

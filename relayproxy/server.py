@@ -25,6 +25,7 @@ from zope.interface import implementer
 from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
 from relayproxy.credentials import IRelayUser, RelayUser
 from relayproxy.errors import ProtocolError, UpstreamError
+from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.smtp import sasl
 from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
 from relayproxy.smtp.data import BodyDecoder, BodyFault
@@ -41,6 +42,8 @@ _FAULT_REPLIES = {
     BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
     BodyFault.NUL: Catalogue.BODY_NUL,
 }
+_INVALID_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
+"""Replies that mean the client sent something it should not have: too many in a row end the session."""
 _NO_8BIT = composed(554, "5.6.3", "The upstream does not accept 8-bit content (BODY=8BITMIME)")
 
 
@@ -55,6 +58,8 @@ class ServerSettings:
     connectors: dict[str, UpstreamConnector]
     tls_options: Any | None
     clock: IReactorTime = field(repr=False)
+    throttle: AuthThrottle = field(repr=False)
+    connections: ConnectionCounter = field(repr=False)
 
     @property
     def implicit_tls(self) -> bool:
@@ -71,6 +76,14 @@ class _Envelope:
 
 class _LineTooLong(Exception):
     pass
+
+
+class _SessionOver(Exception):
+    """The session ends after ``reply`` (421)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
 
 
 @implementer(IPushProducer)
@@ -121,9 +134,13 @@ class SMTPServerProtocol(Protocol):
         self._greeted = False
         self._user: RelayUser | None = None
         self._auth_failures = 0
+        self._invalid_commands = 0
+        self._counted = False
+        self._session_timer: IDelayedCall | None = None
         self._envelope: _Envelope | None = None
         self._upstream: UpstreamSession | None = None
         self.peer = "unknown"
+        self._greeted_client = False
 
     # -- Twisted events -------------------------------------------------------------------------
 
@@ -133,11 +150,32 @@ class SMTPServerProtocol(Protocol):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
+        if not self.s.connections.open(self.peer):
+            log.warn("connection refused client={client} reason=too many connections", client=self.peer)
+            self._reply(Catalogue.too_many_connections(self._hostname))
+            self._close()
+            return
+        self._counted = True
+        self._session_timer = self.s.clock.callLater(self.s.limits.session_timeout, self._timed_out)
+        if self.s.limits.greeting_delay > 0:
+            # Until the greeting, the client has no business talking (RFC 5321 4.3.1); spambots
+            # and scripted attacks usually do.
+            self._timer = self.s.clock.callLater(self.s.limits.greeting_delay, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greeted_client = True
         self._reply(Catalogue.greeting(self._hostname))
         self._arm_timer(self.s.limits.command_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
+            return
+        if not self._greeted_client:
+            log.warn("early talker client={client}", client=self.peer)
+            self._reply(Catalogue.EARLY_TALKER)
+            self._close()
             return
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
@@ -147,6 +185,11 @@ class SMTPServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[no-untyped-call]
         self._closed = True
         self._cancel_timer()
+        if self._session_timer is not None and self._session_timer.active():
+            self._session_timer.cancel()
+        if self._counted:
+            self._counted = False
+            self.s.connections.close(self.peer)
         if self._line_waiter is not None:
             waiter, self._line_waiter = self._line_waiter, None
             waiter.errback(ConnectionError("client went away"))
@@ -215,6 +258,17 @@ class SMTPServerProtocol(Protocol):
             waiter.errback(error)
         else:
             self._reply(error.reply)
+            self._count_invalid(error.reply)
+
+    def _count_invalid(self, reply: Reply) -> None:
+        if reply.code not in _INVALID_COMMAND_CODES:
+            return
+        self._invalid_commands += 1
+        if self._invalid_commands >= self.s.limits.max_invalid_commands:
+            log.warn("too many invalid commands client={client}", client=self.peer)
+            self._reply(Catalogue.TOO_MANY_ERRORS)
+            self._drop_upstream(in_data=False)
+            self._close()
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         # The client's idle timer stops while we work (or wait for the upstream) on its behalf.
@@ -231,12 +285,18 @@ class SMTPServerProtocol(Protocol):
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
         try:
             await work
+            self._invalid_commands = 0
         except ProtocolError as e:
             self._reply(e.reply)
+            self._count_invalid(e.reply)
         except UpstreamError as e:
             log.warn("upstream failure client={client} user={user} detail={detail}", client=self.peer, user=self._username, detail=e.detail)
             self._upstream_failed()
             self._reply(e.reply)
+        except _SessionOver as e:
+            self._reply(e.reply)
+            self._drop_upstream(in_data=False)
+            self._close()
         except ConnectionError:
             pass
         except Exception:
@@ -391,27 +451,33 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.AUTH_NO_MECHANISM)
         if mechanism not in sasl.MECHANISMS:
             raise ProtocolError(Catalogue.AUTH_UNKNOWN_MECHANISM)
-        username = "-"
-        try:
-            if mechanism == "PLAIN":
-                if not initial:
-                    self._reply(Reply(334, ("",)))
-                    initial = (await self._read_line()).decode("ascii", "replace")
-                credentials = sasl.parse_plain(sasl.decode_response(initial))
-            else:
-                if not initial:
-                    self._reply(Reply(334, (sasl.USERNAME_CHALLENGE,)))
-                    initial = (await self._read_line()).decode("ascii", "replace")
-                username = sasl.parse_login_field(sasl.decode_response(initial))
-                self._reply(Reply(334, (sasl.PASSWORD_CHALLENGE,)))
-                password = (await self._read_line()).decode("ascii", "replace")
-                credentials = sasl.Credentials(username, sasl.parse_login_field(sasl.decode_response(password)))
-            username = credentials.username
-            await self._login(credentials)
-        except ProtocolError as e:
-            if e.reply.code == 535:
-                self._auth_failed(username, "authzid")
-            raise
+        self._check_throttle(None)
+        if mechanism == "PLAIN":
+            if not initial:
+                self._reply(Reply(334, ("",)))
+                initial = (await self._read_line()).decode("ascii", "replace")
+            credentials = sasl.parse_plain(sasl.decode_response(initial))
+        else:
+            if not initial:
+                self._reply(Reply(334, (sasl.USERNAME_CHALLENGE,)))
+                initial = (await self._read_line()).decode("ascii", "replace")
+            username = sasl.parse_login_field(sasl.decode_response(initial))
+            self._reply(Reply(334, (sasl.PASSWORD_CHALLENGE,)))
+            password = (await self._read_line()).decode("ascii", "replace")
+            credentials = sasl.Credentials(username, sasl.parse_login_field(sasl.decode_response(password)))
+        self._check_throttle(credentials.username)
+        if credentials.authzid and credentials.authzid != credentials.username:
+            # RFC 4616 lets a client act for another identity; we never allow that, and answer
+            # as for a wrong password so a guesser cannot tell which part was wrong.
+            self._auth_failed(credentials.username, "authzid of another user")
+        await self._login(credentials)
+
+    def _check_throttle(self, username: str | None) -> None:
+        # Refused before bcrypt runs: a guesser must not cost us a thread per attempt.
+        wait = self.s.throttle.blocked_for(self.peer, username)
+        if wait > 0:
+            log.warn("auth throttled client={client} user={user!r} seconds={wait:.0f}", client=self.peer, user=username or "-", wait=wait)
+            raise ProtocolError(Catalogue.AUTH_TEMPORARY)
 
     async def _login(self, credentials: sasl.Credentials) -> None:
         try:
@@ -420,7 +486,6 @@ class SMTPServerProtocol(Protocol):
             )
         except UnauthorizedLogin:
             self._auth_failed(credentials.username, "bad credentials")
-            raise ProtocolError(Catalogue.AUTH_INVALID) from None
         except Exception:
             log.failure("authentication backend failed client={client}", client=self.peer)
             raise ProtocolError(Catalogue.AUTH_TEMPORARY) from None
@@ -430,10 +495,16 @@ class SMTPServerProtocol(Protocol):
         self._reply(Catalogue.AUTH_OK)
 
     def _auth_failed(self, username: str, reason: str) -> None:
+        """Count and log a failure, then raise the client's reply."""
         self._auth_failures += 1
+        self.s.throttle.failed(self.peer, username)
         # One line per failure, stable for fail2ban; the username is quoted with repr so a hostile
         # name cannot forge another log field.
         log.warn("auth failed client={client} user={user!r} reason={reason}", client=self.peer, user=username, reason=reason)
+        if self._auth_failures >= self.s.limits.max_auth_failures_per_session:
+            self._reply(Catalogue.AUTH_INVALID)
+            raise _SessionOver(Catalogue.TOO_MANY_AUTH_FAILURES)
+        raise ProtocolError(Catalogue.AUTH_INVALID)
 
     async def _smtp_MAIL(self, command: PathCommand) -> None:
         if self._user is None:

@@ -18,6 +18,7 @@ from twisted.python import usage
 from relayproxy.config import Config, TLSConfig, load_config
 from relayproxy.credentials import make_portal
 from relayproxy.errors import ConfigError
+from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.server import ServerSettings, SMTPServerFactory
 from relayproxy.upstream import UpstreamConnector
 
@@ -66,6 +67,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     connectors = {
         name: UpstreamConnector(reactor, upstream, config.server.hostname) for name, upstream in config.upstreams.items()
     }
+    throttle = AuthThrottle(reactor, config.limits)
+    connections = ConnectionCounter(config.limits)
     top = MultiService()  # type: ignore[no-untyped-call]
     for listener in config.listeners:
         settings = ServerSettings(
@@ -76,6 +79,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             connectors=connectors,
             tls_options=tls_options,
             clock=reactor,
+            throttle=throttle,
+            connections=connections,
         )
         factory: IProtocolFactory = SMTPServerFactory(settings)
         if listener.tls == "implicit":

@@ -43,8 +43,10 @@ class Reply:
             m = _ENHANCED.match(self.enhanced)
             if m is None or m.group(1) != str(self.code)[0]:
                 raise ReplyError(f"enhanced code {self.enhanced!r} does not fit {self.code}")
+        # "NNN-" before and CRLF after each line, and the enhanced code with its space when set.
+        room = MAX_LINE - 6 - (len(self.enhanced) + 1 if self.enhanced else 0)
         for line in self.lines:
-            if not (line.isascii() and line.isprintable()) or len(line) > MAX_LINE - 6:
+            if not (line.isascii() and line.isprintable()) or len(line) > room:
                 raise ReplyError("reply text must be printable ASCII and fit in one line")
 
     @property
@@ -194,6 +196,14 @@ class Catalogue:
     UPSTREAM_BAD_REPLY = composed(451, "4.4.0", "Upstream sent an invalid reply, try again later")
     UPSTREAM_TIMEOUT = composed(451, "4.4.2", "Upstream timed out, try again later")
     LOCAL_ERROR = composed(451, "4.3.0", "Local error in processing, try again later")
+
+    EARLY_TALKER = composed(554, "5.5.0", "Protocol error: client spoke before the greeting")
+    TOO_MANY_ERRORS = composed(421, "4.7.0", "Too many invalid commands, closing connection")
+    TOO_MANY_AUTH_FAILURES = composed(421, "4.7.0", "Too many authentication failures, closing connection")
+
+    @staticmethod
+    def too_many_connections(hostname: str) -> Reply:
+        return composed(421, "4.7.0", f"{hostname} Too many connections, try again later")
 
     @staticmethod
     def timeout(hostname: str) -> Reply:

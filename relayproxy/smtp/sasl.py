@@ -16,6 +16,7 @@ MECHANISMS = ("PLAIN", "LOGIN")
 class Credentials:
     username: str
     password: str = field(repr=False)
+    authzid: str = ""
 
 
 def decode_response(text: str) -> bytes:
@@ -41,18 +42,12 @@ def _text(raw: bytes) -> str:
 
 
 def parse_plain(message: bytes) -> Credentials:
-    """authzid NUL authcid NUL passwd; an authzid naming someone else is refused like a bad password."""
+    """authzid NUL authcid NUL passwd (RFC 4616 2); the caller decides what an authzid may be."""
     parts = message.split(b"\x00")
     if len(parts) != 3:
         raise ProtocolError(Catalogue.AUTH_MALFORMED)
     authzid, authcid, password = parts
-    username = _text(authcid)
-    secret = _text(password)
-    # RFC 4616 lets a client act for another identity; we never allow that, and answer as for a
-    # wrong password so the reply does not tell a guesser which part was wrong.
-    if authzid and authzid != authcid:
-        raise ProtocolError(Catalogue.AUTH_INVALID)
-    return Credentials(username, secret)
+    return Credentials(_text(authcid), _text(password), _text(authzid) if authzid else "")
 
 
 def parse_login_field(message: bytes) -> str:
