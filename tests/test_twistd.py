@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import subprocess
@@ -88,3 +89,29 @@ def test_help_documents_the_config_option() -> None:
     assert result.returncode == 0
     out = result.stdout.decode()
     assert "--config" in out and "etc/relayproxy.toml" in out
+
+
+def test_auth_failure_log_line_matches_the_documented_fail2ban_filter(
+    twistd_proxy: tuple[int, subprocess.Popen[bytes]], pki: PKI, tmp_path: Path
+) -> None:
+    port, _ = twistd_proxy
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.starttls(context=pki.client_context())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            smtp.login(CLIENT_USER, "not-the-password")
+    assert refused.value.smtp_code == 535
+    readme = (REPO / "README.md").read_text()
+    failregex = re.search(r"^failregex = (.*)$", readme, re.MULTILINE)
+    assert failregex, "README documents a fail2ban failregex"
+    # fail2ban's <HOST> stands for an address; the documented filter must match what twistd writes.
+    pattern = re.compile(failregex.group(1).replace("<HOST>", r"(?P<host>[0-9a-fA-F.:]+)"))
+    log = tmp_path / "twistd.log"
+    wait_for(lambda: log.read_text().count("auth failed") >= 2)
+    lines = [line for line in log.read_text().splitlines() if "auth failed" in line]
+    # smtplib tries PLAIN, then LOGIN: two failures, one line each.
+    assert len(lines) == 2
+    for line in lines:
+        match = pattern.search(line)
+        assert match and match.group("host") == "127.0.0.1"
+        assert "user='app1'" in line
+    assert "not-the-password" not in log.read_text()
