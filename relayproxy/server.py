@@ -301,7 +301,8 @@ class SMTPServerProtocol(Protocol):
             pass
         except Exception:
             log.failure("internal error client={client}", client=self.peer)
-            self._reply(Catalogue.LOCAL_ERROR)
+            self._reply(Catalogue.local_error(self._hostname))
+            self._drop_upstream(in_data=self._decoder is not None)
             self._close()
 
     async def _read_line(self) -> bytes:
@@ -517,9 +518,19 @@ class SMTPServerProtocol(Protocol):
         if not self._user.config.may_send(command.address):
             log.info("sender refused client={client} user={user} sender={sender}", client=self.peer, user=self._user.name, sender=command.address)
             raise ProtocolError(Catalogue.sender_not_owned(self._user.name))
+        reused = self._upstream is not None and self._upstream.usable
         upstream = await self._upstream_session()
-        params = upstream_params(upstream)
-        reply = await upstream.command(f"MAIL FROM:<{command.address}>{params}".encode("ascii"))
+        try:
+            reply = await upstream.command(f"MAIL FROM:<{command.address}>{upstream_params(upstream)}".encode("ascii"))
+        except UpstreamError as e:
+            if not reused:
+                raise
+            # A kept session may have been closed by the upstream while idle (its own timeout);
+            # MAIL changes nothing there, so one retry on a fresh session is safe.
+            log.info("kept upstream session failed, reconnecting detail={detail}", detail=e.detail)
+            self._upstream = None
+            upstream = await self._upstream_session()
+            reply = await upstream.command(f"MAIL FROM:<{command.address}>{upstream_params(upstream)}".encode("ascii"))
         if reply.is_positive:
             self._envelope = _Envelope(command.address)
             upstream.in_transaction = True
@@ -613,6 +624,7 @@ class SMTPServerProtocol(Protocol):
                 upstream.send_body(chunk.data)
             return
         self._decoder = None
+        self._gate.release("upstream")
         self._buffer = chunk.rest + self._buffer
         self._start(self._end_of_data(chunk.data, decoder))
 

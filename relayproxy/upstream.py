@@ -101,6 +101,11 @@ class UpstreamProtocol(Protocol):
         self.connected = False
         self._fail(_Lost(reason))
 
+    @property
+    def idle(self) -> bool:
+        """Connected, and nothing arrived that we did not ask for (an idle-timeout 421, say)."""
+        return bool(self.connected) and self._error is None and not self._replies and not self._buffer
+
     def abort(self) -> None:
         """Close at once, never sending anything more (above all not the final dot)."""
         if self.transport is not None and self.connected:
@@ -260,7 +265,7 @@ class UpstreamSession:
 
     @property
     def usable(self) -> bool:
-        return not self.broken and bool(self.protocol.connected)
+        return not self.broken and self.protocol.idle
 
     async def _guard(self, step: Callable[[], Any]) -> Reply:
         try:

@@ -195,7 +195,6 @@ class Catalogue:
     UPSTREAM_LOST = composed(451, "4.4.2", "Upstream connection lost, try again later")
     UPSTREAM_BAD_REPLY = composed(451, "4.4.0", "Upstream sent an invalid reply, try again later")
     UPSTREAM_TIMEOUT = composed(451, "4.4.2", "Upstream timed out, try again later")
-    LOCAL_ERROR = composed(451, "4.3.0", "Local error in processing, try again later")
 
     EARLY_TALKER = composed(554, "5.5.0", "Protocol error: client spoke before the greeting")
     TOO_MANY_ERRORS = composed(421, "4.7.0", "Too many invalid commands, closing connection")
@@ -204,6 +203,10 @@ class Catalogue:
     @staticmethod
     def too_many_connections(hostname: str) -> Reply:
         return composed(421, "4.7.0", f"{hostname} Too many connections, try again later")
+
+    @staticmethod
+    def local_error(hostname: str) -> Reply:
+        return composed(421, "4.3.0", f"{hostname} Local error, closing connection")
 
     @staticmethod
     def timeout(hostname: str) -> Reply:
