@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,3 +45,40 @@ def recorder_proxy(tmp_path: Path, pki: PKI, recorder: Recorder) -> Iterator[Pro
     running = start_proxy(path, ports)
     yield running
     running.stop()
+
+
+ProxyFactory = Callable[..., Proxy]
+SmarthostFactory = Callable[..., Smarthost]
+
+
+@pytest.fixture
+def make_smarthost(pki: PKI) -> Iterator[SmarthostFactory]:
+    """Start extra or differently configured smarthosts: ``make_smarthost(password="other")``."""
+    started: list[Smarthost] = []
+
+    def make(**kwargs: object) -> Smarthost:
+        host = Smarthost(pki, **kwargs).start()  # type: ignore[arg-type]
+        started.append(host)
+        return host
+
+    yield make
+    for host in started:
+        host.stop()
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path, pki: PKI) -> Iterator[ProxyFactory]:
+    """Start a proxy from any upstream section: ``make_proxy(upstream_toml, extra=..., users=...)``."""
+    started: list[Proxy] = []
+
+    def make(upstream: str, extra: str = "", users: dict[str, str] | None = None) -> Proxy:
+        directory = tmp_path / f"proxy{len(started)}"
+        directory.mkdir()
+        path, ports = write_config(directory, pki, upstream, users=users, extra=extra)
+        running = start_proxy(path, ports)
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()

@@ -6,6 +6,7 @@ synchronous code that talks to it over real sockets (smtplib, raw sockets, swaks
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import threading
@@ -144,7 +145,8 @@ class Smarthost:
                 return AuthResult(success=False, handled=False)
             self.auth_attempts.append(mechanism)
             ok = data.login.decode() == UPSTREAM_USER and data.password.decode() == self.password
-            return AuthResult(success=ok)
+            # handled=False: aiosmtpd then sends its 535 itself (handled=True would send nothing).
+            return AuthResult(success=ok, handled=False)
 
         self._controller = Controller(
             _Handler(self),
@@ -177,6 +179,12 @@ class Recorder:
         self.script = script or {}
         self.greeting = greeting
         self.sessions: list[bytearray] = []
+        self.commands: list[bytes] = []
+        """Every command line read outside DATA, across sessions, without its CRLF."""
+        self.bodies: list[bytes] = []
+        """Every complete body, as received (dot-stuffed, up to and including the CRLF before the final dot)."""
+        self.closed = 0
+        """How many sessions have ended (either side closed)."""
         self.port = free_port()
         self._sock = socket.create_server(("127.0.0.1", self.port))
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -195,6 +203,12 @@ class Recorder:
             threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn: socket.socket) -> None:
+        try:
+            self._converse(conn)
+        finally:
+            self.closed += 1
+
+    def _converse(self, conn: socket.socket) -> None:
         record = bytearray()
         self.sessions.append(record)
         buf = b""
@@ -218,6 +232,7 @@ class Recorder:
                                     if self._answer(conn, "BODY") == "DROP":
                                         return
                                 break
+                            self.bodies.append(buf[: end + 2])
                             buf = buf[end + 5 :]
                             in_data = False
                             if self._answer(conn, "DATA-END", "250 2.0.0 Ok: queued as REC1") == "DROP":
@@ -227,6 +242,7 @@ class Recorder:
                         if end < 0:
                             break
                         line, buf = buf[:end], buf[end + 2 :]
+                        self.commands.append(line)
                         verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
                         default = {
                             "EHLO": "250-recorder\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000",
@@ -352,6 +368,11 @@ def start_proxy(config_path: Path, ports: tuple[int, int, int]) -> Proxy:
     return Proxy(ports[0], ports[1], ports[2], config_path, service)
 
 
+def wait_listening(port: int) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port (an extra listener from ``extra``)."""
+    wait_for(lambda: _listening(port))
+
+
 def _listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -389,6 +410,11 @@ class RawClient:
             if line[3:4] != b"-":
                 return out
 
+    def command(self, line: bytes) -> bytes:
+        """Send one line (CRLF added unless present) and return the one reply to it."""
+        self.send(line if line.endswith(b"\r\n") else line + b"\r\n")
+        return self.reply()
+
     def closed(self) -> bool:
         try:
             return self.sock.recv(1) == b""
@@ -397,6 +423,12 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def auth_plain_line(user: str = CLIENT_USER, password: str = CLIENT_PASSWORD) -> bytes:
+    """AUTH PLAIN with an initial response, CRLF-terminated."""
+    blob = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+    return b"AUTH PLAIN " + blob + b"\r\n"
 
 
 def iter_lines(data: bytes) -> Iterator[bytes]:
