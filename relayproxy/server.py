@@ -44,7 +44,6 @@ _FAULT_REPLIES = {
 }
 _INVALID_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
 """Replies that mean the client sent something it should not have: too many in a row end the session."""
-_NO_8BIT = composed(554, "5.6.3", "The upstream does not accept 8-bit content (BODY=8BITMIME)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,7 @@ class ServerSettings:
 class _Envelope:
     sender: str
     recipients: int = 0
+    attempted: int = 0
     failed: Reply | None = None
     """Set when the upstream failed mid-transaction: later RCPT/DATA get this reply."""
 
@@ -541,12 +541,12 @@ class SMTPServerProtocol(Protocol):
         size = command.parameter("SIZE")
         if command.has("SIZE"):
             if size is None or not size.isdigit():
-                raise ProtocolError(composed(501, "5.5.4", "Syntax error in SIZE parameter"))
+                raise ProtocolError(Catalogue.BAD_SIZE)
             if int(size) > self.s.server.max_message_size:
                 raise ProtocolError(Catalogue.MESSAGE_TOO_BIG)
         body = command.parameter("BODY")
         if command.has("BODY") and (body or "").upper() not in ("7BIT", "8BITMIME"):
-            raise ProtocolError(composed(501, "5.5.4", "Syntax error in BODY parameter"))
+            raise ProtocolError(Catalogue.BAD_BODY)
         # AUTH= names the client's identity to the next hop; the upstream must only ever see ours.
         unknown = [k for k, _ in command.parameters if k not in ("SIZE", "BODY", "AUTH")]
         if unknown:
@@ -558,7 +558,7 @@ class SMTPServerProtocol(Protocol):
                 out += f" SIZE={size}"
             if body is not None and body.upper() == "8BITMIME":
                 if not upstream.supports("8BITMIME"):
-                    raise ProtocolError(_NO_8BIT)
+                    raise ProtocolError(Catalogue.UPSTREAM_NO_8BIT)
                 out += " BODY=8BITMIME"
             return out
 
@@ -585,6 +585,7 @@ class SMTPServerProtocol(Protocol):
         if envelope.recipients >= self.s.server.max_recipients:
             raise ProtocolError(Catalogue.TOO_MANY_RECIPIENTS)
         assert self._upstream is not None
+        envelope.attempted += 1
         reply = await self._upstream.command(f"RCPT TO:<{command.address}>".encode("ascii"))
         if reply.is_positive:
             envelope.recipients += 1
@@ -600,6 +601,8 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(envelope.failed)
         if command.argument:
             raise ProtocolError(Catalogue.SYNTAX)
+        if envelope.attempted == 0:
+            raise ProtocolError(Catalogue.RCPT_FIRST)
         if envelope.recipients == 0:
             raise ProtocolError(Catalogue.NO_VALID_RECIPIENTS)
         upstream = self._upstream

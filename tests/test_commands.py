@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relayproxy.errors import ProtocolError
-from relayproxy.smtp.commands import BAD_RECIPIENT, BAD_SENDER, Command, PathCommand, parse_command
+from relayproxy.smtp.commands import Command, PathCommand, parse_command
 from relayproxy.smtp.reply import Catalogue, Reply
 
 
@@ -68,7 +68,7 @@ def test_null_sender() -> None:
 
 
 def test_null_recipient_refused() -> None:
-    assert refused(b"RCPT TO:<>") == BAD_RECIPIENT
+    assert refused(b"RCPT TO:<>") == Catalogue.BAD_RECIPIENT
 
 
 @pytest.mark.parametrize("name", ["postmaster", "Postmaster", "POSTMASTER"])
@@ -77,7 +77,7 @@ def test_rcpt_postmaster(name: str) -> None:
 
 
 def test_mail_from_bare_postmaster_refused() -> None:
-    assert refused(b"MAIL FROM:<postmaster>") == BAD_SENDER
+    assert refused(b"MAIL FROM:<postmaster>") == Catalogue.BAD_SENDER
 
 
 def test_parameters() -> None:
@@ -171,13 +171,13 @@ def test_valid_addresses(address: str) -> None:
 
 @pytest.mark.parametrize("address", INVALID)
 def test_invalid_addresses(address: str) -> None:
-    assert refused(f"MAIL FROM:<{address}>".encode()) == BAD_SENDER
-    assert refused(f"RCPT TO:<{address}>".encode()) == BAD_RECIPIENT
+    assert refused(f"MAIL FROM:<{address}>".encode()) == Catalogue.BAD_SENDER
+    assert refused(f"RCPT TO:<{address}>".encode()) == Catalogue.BAD_RECIPIENT
 
 
 def test_bad_address_codes() -> None:
-    assert code(BAD_SENDER) == (501, "5.1.7")
-    assert code(BAD_RECIPIENT) == (501, "5.1.3")
+    assert code(Catalogue.BAD_SENDER) == (501, "5.1.7")
+    assert code(Catalogue.BAD_RECIPIENT) == (501, "5.1.3")
 
 
 # -- line hygiene -------------------------------------------------------------------------------

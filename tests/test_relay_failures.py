@@ -137,7 +137,7 @@ def test_sender_refusal_relayed(proxy: Proxy, pki: PKI, smarthost: Smarthost) ->
     smarthost.mail_reply = "550 5.7.1 Sender rejected by upstream policy"
     with client(proxy, pki) as smtp:
         assert smtp.mail("app1@example.org") == (550, b"5.7.1 Sender rejected by upstream policy")
-        assert smtp.rcpt("bob@example.net") == (503, b"5.5.1 Need MAIL before RCPT")
+        assert smtp.rcpt("bob@example.net") == (503, b"5.5.1 Need MAIL command first")
     assert smarthost.received == []
 
 
@@ -253,7 +253,7 @@ def assert_upstream_failure(proxy: Proxy, pki: PKI, expected: bytes) -> None:
         replies = [raw.command(b"MAIL FROM:<app1@example.org>")]
         assert replies[0] == expected
         replies.append(raw.command(b"RCPT TO:<bob@example.net>"))
-        assert replies[-1] == b"503 5.5.1 Need MAIL before RCPT\r\n"
+        assert replies[-1] == b"503 5.5.1 Need MAIL command first\r\n"
         replies.append(raw.command(b"DATA"))
         assert replies[-1].startswith(b"503 5.5.1 ")
         # A retry tries again and fails the same way: nothing is cached as a success.
@@ -476,7 +476,7 @@ def test_bare_line_end_in_command_mid_transaction(recorder_proxy: Proxy, recorde
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
         raw.send(b"RCPT TO:<bob@example.net>\nRCPT TO:<evil@example.com>\r\n")
         assert raw.reply() == b"501 5.5.2 Syntax error: bare CR or LF in command\r\n"
-        assert raw.command(b"DATA") == b"554 5.5.1 No valid recipients\r\n"
+        assert raw.command(b"DATA") == b"503 5.5.1 Need RCPT before DATA\r\n"
     finally:
         raw.close()
     assert [c for c in recorder.commands if c.startswith(b"RCPT")] == []

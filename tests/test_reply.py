@@ -318,6 +318,3 @@ def test_long_names_in_composed_replies() -> None:
             make(name)
 
 
-def test_command_module_replies() -> None:
-    for reply in (commands.BAD_SENDER, commands.BAD_RECIPIENT):
-        assert parse_reply(reply.to_bytes()).code == reply.code

@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 
 from relayproxy.config import LimitsConfig, ServerConfig, UserConfig
 from relayproxy.smtp.commands import MAX_COMMAND_LINE
-from relayproxy.smtp.reply import Reply
+from relayproxy.smtp.reply import Catalogue, Reply
 
 
 @pytest.fixture
@@ -566,7 +566,7 @@ def test_auth_during_transaction(relay: Dialogue) -> None:
 
 def test_data_without_recipients(relay: Dialogue) -> None:
     relay.command("MAIL FROM:<alice@example.com>")
-    assert status(relay.command("DATA")) == (554, "5.5.1")
+    assert relay.command("DATA").to_bytes() == Catalogue.RCPT_FIRST.to_bytes()
 
 
 def test_auth_parameter_not_forwarded(relay: Dialogue) -> None:

@@ -6,13 +6,11 @@ import re
 from dataclasses import dataclass
 
 from relayproxy.errors import ProtocolError
-from relayproxy.smtp.reply import Catalogue, Reply, composed
+from relayproxy.smtp.reply import Catalogue, Reply
 
 MAX_COMMAND_LINE = 512
 """RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included."""
 
-BAD_SENDER = composed(501, "5.1.7", "Bad sender address syntax")
-BAD_RECIPIENT = composed(501, "5.1.3", "Bad recipient address syntax")
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"
@@ -67,9 +65,9 @@ def parse_command(line: bytes) -> Command | PathCommand:
     verb, _, argument = text.partition(" ")
     verb = verb.upper()
     if verb == "MAIL":
-        return _parse_path(verb, argument, "FROM:", BAD_SENDER, allow_null=True)
+        return _parse_path(verb, argument, "FROM:", Catalogue.BAD_SENDER, allow_null=True)
     if verb == "RCPT":
-        return _parse_path(verb, argument, "TO:", BAD_RECIPIENT, allow_null=False)
+        return _parse_path(verb, argument, "TO:", Catalogue.BAD_RECIPIENT, allow_null=False)
     return Command(verb, argument.strip())
 
 
@@ -92,6 +90,6 @@ def _parse_path(verb: str, argument: str, keyword: str, bad: Reply, allow_null: 
     for item in rest.split(" ") if rest else []:
         pm = _PARAM.match(item)
         if pm is None:
-            raise ProtocolError(composed(501, "5.5.4", "Syntax error in parameters"))
+            raise ProtocolError(Catalogue.BAD_PARAMETER_SYNTAX)
         parameters.append((pm.group(1).upper(), pm.group(2)))
     return PathCommand(verb, address, tuple(parameters))
