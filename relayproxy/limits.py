@@ -23,13 +23,15 @@ class _Record:
 class _Window:
     """Failures per key in a sliding window; past ``threshold``, a block that doubles each time."""
 
-    def __init__(self, clock: IReactorTime, threshold: int, window: float, backoff: float, backoff_max: float) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
+        self._records: OrderedDict[str, _Record] = OrderedDict()
+
+    def configure(self, threshold: int, window: float, backoff: float, backoff_max: float) -> None:
         self._threshold = threshold
         self._window = window
         self._backoff = backoff
         self._backoff_max = backoff_max
-        self._records: OrderedDict[str, _Record] = OrderedDict()
 
     def blocked_for(self, key: str) -> float:
         record = self._records.get(key)
@@ -59,9 +61,15 @@ class AuthThrottle:
     """Counts AUTH failures per client address and per user name (RFC 4954 14: limit guessing)."""
 
     def __init__(self, clock: IReactorTime, limits: LimitsConfig) -> None:
+        self._by_ip = _Window(clock)
+        self._by_user = _Window(clock)
+        self.update(limits)
+
+    def update(self, limits: LimitsConfig) -> None:
+        """New limits apply from the next failure on; counts so far are kept."""
         args = (limits.auth_failure_window, limits.auth_backoff, limits.auth_backoff_max)
-        self._by_ip = _Window(clock, limits.auth_failures_per_ip, *args)
-        self._by_user = _Window(clock, limits.auth_failures_per_user, *args)
+        self._by_ip.configure(limits.auth_failures_per_ip, *args)
+        self._by_user.configure(limits.auth_failures_per_user, *args)
 
     def blocked_for(self, ip: str, username: str | None) -> float:
         """Seconds this attempt must still wait; 0 when it may go ahead."""
@@ -80,10 +88,14 @@ class ConnectionCounter:
     """Concurrent sessions, in total and per client address."""
 
     def __init__(self, limits: LimitsConfig) -> None:
-        self._max = limits.max_connections
-        self._max_per_ip = limits.max_connections_per_ip
         self._total = 0
         self._per_ip: dict[str, int] = {}
+        self.update(limits)
+
+    def update(self, limits: LimitsConfig) -> None:
+        """New maxima apply to the next connection; open sessions are never cut."""
+        self._max = limits.max_connections
+        self._max_per_ip = limits.max_connections_per_ip
 
     def open(self, ip: str) -> bool:
         """Count a new session; False (and nothing counted) when it is over a limit."""

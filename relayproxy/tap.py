@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -10,17 +13,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from OpenSSL import SSL
+from twisted.cred.portal import Portal
 from twisted.internet import ssl, threads
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from relayproxy.config import Config, TLSConfig, load_config
+from relayproxy.config import Config, ListenerConfig, TLSConfig, load_config
 from relayproxy.credentials import make_portal
 from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.server import ServerSettings, SMTPServerFactory
 from relayproxy.upstream import UpstreamConnector
+from zope.interface import implementer
+
+log = Logger()
 
 DEFAULT_CONFIG = "/etc/relayproxy/relayproxy.toml"
 
@@ -61,36 +70,105 @@ def server_tls_options(tls: TLSConfig) -> Any:
     )
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
-    tls_options = server_tls_options(config.tls) if config.tls.certificate is not None else None
-    portal = make_portal(config, lambda f: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f))
-    connectors = {
-        name: UpstreamConnector(reactor, upstream, config.server.hostname) for name, upstream in config.upstreams.items()
-    }
-    throttle = AuthThrottle(reactor, config.limits)
-    connections = ConnectionCounter(config.limits)
-    top = MultiService()  # type: ignore[no-untyped-call]
-    for listener in config.listeners:
-        settings = ServerSettings(
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTLS:
+    """The server TLS settings in force now: a reload swaps ``current``, new handshakes use it."""
+
+    def __init__(self, current: ssl.CertificateOptions) -> None:
+        self.current = current
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.current.getContext(), None)
+
+
+class RelayService(MultiService):
+    """All listeners of one configuration; SIGHUP re-reads it without dropping a session.
+
+    Sessions keep the settings they started with; sessions accepted after a reload get the new
+    users, upstreams, limits and certificate. Listeners themselves need a restart to change.
+    """
+
+    def __init__(self, config: Config, reactor: Any, load: Callable[[], Config]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.config = config
+        self._reactor = reactor
+        self._load = load
+        self._tls = ReloadableServerTLS(server_tls_options(config.tls)) if config.tls.certificate else None
+        self._throttle = AuthThrottle(reactor, config.limits)
+        self._connections = ConnectionCounter(config.limits)
+        self._connectors: dict[str, UpstreamConnector] = {}
+        self._factories: list[SMTPServerFactory] = []
+        shared = self._shared(config)
+        for listener in config.listeners:
+            server_factory = SMTPServerFactory(self._settings(config, listener, shared))
+            self._factories.append(server_factory)
+            factory: IProtocolFactory = server_factory
+            if listener.tls == "implicit":
+                assert self._tls is not None, "load_config requires [tls] for TLS listeners"
+                factory = TLSMemoryBIOFactory(self._tls, False, factory)
+            strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _shared(self, config: Config) -> tuple[Portal, dict[str, UpstreamConnector]]:
+        portal = make_portal(config, lambda f: threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f))
+        connectors = {}
+        for name, upstream in config.upstreams.items():
+            old = self._connectors.get(name)
+            # An unchanged upstream keeps its connector (and so its cached tokens and TLS context).
+            connectors[name] = old if old is not None and old.config == upstream else UpstreamConnector(self._reactor, upstream, config.server.hostname)
+        self._connectors = connectors
+        return portal, connectors
+
+    def _settings(self, config: Config, listener: ListenerConfig, shared: tuple[Portal, dict[str, UpstreamConnector]]) -> ServerSettings:
+        portal, connectors = shared
+        return ServerSettings(
             server=config.server,
             listener=listener,
             limits=config.limits,
             portal=portal,
             connectors=connectors,
-            tls_options=tls_options,
-            clock=reactor,
-            throttle=throttle,
-            connections=connections,
+            tls_options=self._tls,
+            clock=self._reactor,
+            throttle=self._throttle,
+            connections=self._connections,
         )
-        factory: IProtocolFactory = SMTPServerFactory(settings)
-        if listener.tls == "implicit":
-            assert tls_options is not None, "load_config requires [tls] for TLS listeners"
-            factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(top)  # type: ignore[no-untyped-call]
-    return top
+
+    def reload_on_sighup(self) -> None:
+        """Python runs signal handlers between bytecodes; the reload itself runs in the reactor."""
+        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+
+    def reload(self) -> bool:
+        """Apply the configuration file as it is now; on any problem keep the running one."""
+        try:
+            new = self._load()
+            tls = server_tls_options(new.tls) if new.tls.certificate else None
+        except ConfigError as e:
+            for problem in e.problems:
+                log.error("reload refused: {problem}", problem=problem)
+            log.error("reload failed: keeping the running configuration")
+            return False
+        if new.listeners != self.config.listeners:
+            log.warn("reload: [[listener]] changes take effect only after a restart")
+            new = replace(new, listeners=self.config.listeners)
+        if tls is not None and self._tls is not None:
+            self._tls.current = tls
+        self._throttle.update(new.limits)
+        self._connections.update(new.limits)
+        shared = self._shared(new)
+        for factory, listener in zip(self._factories, new.listeners):
+            factory.settings = self._settings(new, listener, shared)
+        self.config = new
+        log.info("reload: configuration applied from {path}", path=str(new.path))
+        return True
+
+
+def build_service(config: Config, reactor: Any, load: Callable[[], Config] | None = None) -> RelayService:
+    """``load`` re-reads the configuration on SIGHUP (default: the same file, the same way)."""
+    return RelayService(config, reactor, load or (lambda: load_config(config.path)))
 
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    return build_service(options.loaded, reactor)
+    service = build_service(options.loaded, reactor)
+    service.reload_on_sighup()
+    return service

@@ -22,7 +22,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session, SMTP
 from twisted.internet import reactor as _reactor
 from twisted.internet.threads import blockingCallFromThread
 
-from relayproxy.config import load_config
+from relayproxy.config import Config, load_config
 from relayproxy.credentials import hash_password, write_users_file
 from relayproxy.tap import build_service
 
@@ -355,10 +355,13 @@ tls = "none"
 
 def start_proxy(config_path: Path, ports: tuple[int, int, int]) -> Proxy:
     ensure_reactor()
-    config = load_config(config_path, environ={"RELAYPROXY_TEST_UPSTREAM_PASSWORD": UPSTREAM_PASSWORD})
+    def load() -> Config:
+        return load_config(config_path, environ={"RELAYPROXY_TEST_UPSTREAM_PASSWORD": UPSTREAM_PASSWORD})
+
+    config = load()
 
     def start() -> Any:
-        service = build_service(config, reactor)
+        service = build_service(config, reactor, load)
         service.startService()
         return service
 

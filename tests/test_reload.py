@@ -1,0 +1,129 @@
+"""Live reload: users file changes without a signal, SIGHUP for the rest, sessions in flight unharmed."""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import (
+    CLIENT_PASSWORD,
+    CLIENT_USER,
+    PKI,
+    Proxy,
+    Smarthost,
+    reactor,
+    _listening,
+    smarthost_upstream,
+    start_proxy,
+    wait_for,
+    write_config,
+)
+from test_twistd import environment, twistd
+from twisted.internet.threads import blockingCallFromThread
+
+from relayproxy.credentials import hash_password, read_users_file, write_users_file
+
+
+def login(port: int, pki: PKI, user: str, password: str) -> smtplib.SMTP:
+    smtp = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    smtp.starttls(context=pki.client_context())
+    smtp.login(user, password)
+    return smtp
+
+
+def reload(proxy: Proxy) -> bool:
+    result: bool = blockingCallFromThread(reactor, proxy.service.reload)
+    return result
+
+
+def test_users_file_changes_apply_without_a_signal(proxy: Proxy, pki: PKI) -> None:
+    users_file = proxy.config_path.parent / "users"
+    users = read_users_file(users_file)
+    users["app2"] = hash_password("app2-password", rounds=4)
+    del users[CLIENT_USER]
+    write_users_file(users_file, users)
+    login(proxy.port, pki, "app2", "app2-password").quit()
+    with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+        login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
+    assert (refused.value.smtp_code, refused.value.smtp_error) == (535, b"5.7.8 Authentication credentials invalid")
+
+
+def test_reload_applies_user_rules_to_new_sessions_only(proxy: Proxy, pki: PKI, smarthost: Smarthost) -> None:
+    before = login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
+    config = proxy.config_path.read_text()
+    proxy.config_path.write_text(config + f'\n[users.{CLIENT_USER}]\nallowed_senders = ["@only.example"]\n')
+    assert reload(proxy)
+    after = login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
+    assert after.mail("app1@example.org") == (553, b"5.7.1 Sender address not owned by user app1")
+    # The session that started before the reload finishes with the rules it started with.
+    assert before.sendmail("app1@example.org", ["bob@example.net"], b"Subject: old rules\r\n\r\nhi\r\n") == {}
+    before.quit()
+    after.quit()
+    assert len(smarthost.received) == 1
+
+
+def test_broken_config_on_reload_keeps_the_running_one(proxy: Proxy, pki: PKI, smarthost: Smarthost) -> None:
+    proxy.config_path.write_text(proxy.config_path.read_text() + "\n[server2]\n")
+    assert not reload(proxy)
+    with login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD) as smtp:
+        assert smtp.sendmail("app1@example.org", ["bob@example.net"], b"Subject: still up\r\n\r\nhi\r\n") == {}
+
+
+def test_certificate_swap_while_a_transaction_is_in_flight(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> None:
+    path, ports = write_config(tmp_path, pki, smarthost_upstream(smarthost, pki))
+    proxy = start_proxy(path, ports)
+    try:
+        smtp = login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
+        first_cert = smtp.sock.getpeercert()  # type: ignore[union-attr]
+        smtp.mail("app1@example.org")
+        smtp.rcpt("bob@example.net")
+        assert smtp.docmd("DATA")[0] == 354
+        smtp.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+
+        new_cert, new_key = pki.issue("relay-renewed", "relay.test", "localhost", "127.0.0.1")
+        text = path.read_text()
+        old_cert_line = next(line for line in text.splitlines() if line.startswith("certificate ="))
+        old_key_line = next(line for line in text.splitlines() if line.startswith("key ="))
+        path.write_text(text.replace(old_cert_line, f'certificate = "{new_cert}"').replace(old_key_line, f'key = "{new_key}"'))
+        assert reload(proxy)
+
+        smtp.send(b"second half\r\n.\r\n")
+        assert smtp.getreply() == (250, b"2.0.0 Ok: queued as TEST1")
+        smtp.quit()
+        assert smarthost.received[0].content == b"Subject: in flight\r\n\r\nfirst half\r\nsecond half\r\n"
+
+        fresh = login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
+        renewed = fresh.sock.getpeercert()  # type: ignore[union-attr]
+        fresh.quit()
+        assert renewed["serialNumber"] != first_cert["serialNumber"]
+        # Implicit TLS picks up the new certificate as well.
+        context = pki.client_context()
+        with smtplib.SMTP_SSL("127.0.0.1", proxy.tls_port, context=context, timeout=20) as implicit:
+            assert implicit.sock.getpeercert()["serialNumber"] == renewed["serialNumber"]  # type: ignore[union-attr]
+    finally:
+        proxy.stop()
+
+
+def test_sighup_reloads_a_twistd_process(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> None:
+    path, ports = write_config(tmp_path, pki, smarthost_upstream(smarthost, pki))
+    log = tmp_path / "twistd.log"
+    proc = subprocess.Popen(
+        [*twistd(), "-n", "--pidfile=", "--logfile", str(log), "relayproxy", "--config", str(path)],
+        env=environment(), cwd=tmp_path,
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or all(_listening(p) for p in ports), timeout=30)
+        with login(ports[0], pki, CLIENT_USER, CLIENT_PASSWORD) as smtp:
+            assert smtp.mail("app1@example.org")[0] == 250
+        path.write_text(path.read_text() + f'\n[users.{CLIENT_USER}]\nallowed_senders = ["@only.example"]\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload: configuration applied" in log.read_text())
+        with login(ports[0], pki, CLIENT_USER, CLIENT_PASSWORD) as smtp:
+            assert smtp.mail("app1@example.org") == (553, b"5.7.1 Sender address not owned by user app1")
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
