@@ -68,6 +68,10 @@ class UpstreamConfig:
     connect_timeout: float = 30.0
     reply_timeout: float = 300.0
     data_timeout: float = 600.0
+    fallbacks: tuple[tuple[str, int], ...] = ()
+    """Further hosts after ``host``/``port`` (from ``hosts = [...]``), tried in order."""
+    envelope_from: str | None = None
+    header_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class LimitsConfig:
     auth_backoff: float = 60.0
     auth_backoff_max: float = 3600.0
     max_invalid_commands: int = 20
+    max_header_size: int = 262144
 
 
 @dataclass(frozen=True)
@@ -690,7 +695,7 @@ def _read_users(
 _LIMIT_SECONDS = ("command_timeout", "data_timeout", "session_timeout", "auth_failure_window", "auth_backoff", "auth_backoff_max")
 _LIMIT_COUNTS = (
     "max_connections", "max_connections_per_ip", "max_auth_failures_per_session",
-    "auth_failures_per_ip", "auth_failures_per_user", "max_invalid_commands",
+    "auth_failures_per_ip", "auth_failures_per_user", "max_invalid_commands", "max_header_size",
 )
 
 

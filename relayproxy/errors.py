@@ -31,10 +31,12 @@ class ProtocolError(RelayProxyError):
 class UpstreamError(RelayProxyError):
     """The upstream session failed; ``reply`` is what the client gets instead.
 
-    ``detail`` is for the log only: it names what failed and never holds a secret.
+    ``detail`` is for the log only: it names what failed and never holds a secret. ``failover``
+    says another host of the same upstream may succeed where this one failed.
     """
 
-    def __init__(self, reply: Reply, detail: str) -> None:
+    def __init__(self, reply: Reply, detail: str, failover: bool = False) -> None:
         super().__init__(detail)
         self.reply = reply
         self.detail = detail
+        self.failover = failover

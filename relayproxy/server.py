@@ -29,6 +29,7 @@ from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.smtp import sasl
 from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
 from relayproxy.smtp.data import BodyDecoder, BodyFault
+from relayproxy.smtp.headers import FromRewriter, HeaderTooLong
 from relayproxy.smtp.reply import Catalogue, Reply, composed
 from relayproxy.upstream import UpstreamConnector, UpstreamSession
 
@@ -39,6 +40,7 @@ _PAUSE_PIPELINE_AT = 64 * 1024
 
 _FAULT_REPLIES = {
     BodyFault.TOO_BIG: Catalogue.MESSAGE_TOO_BIG,
+    BodyFault.HEADER_TOO_BIG: Catalogue.HEADER_TOO_BIG,
     BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
     BodyFault.NUL: Catalogue.BODY_NUL,
 }
@@ -127,6 +129,7 @@ class SMTPServerProtocol(Protocol):
         self._closed = False
         self._line_waiter: defer.Deferred[bytes] | None = None
         self._decoder: BodyDecoder | None = None
+        self._rewriter: FromRewriter | None = None
         self._gate = _ReadGate(self)
         self._timer: IDelayedCall | None = None
         self._tls = settings.implicit_tls
@@ -521,7 +524,7 @@ class SMTPServerProtocol(Protocol):
         reused = self._upstream is not None and self._upstream.usable
         upstream = await self._upstream_session()
         try:
-            reply = await upstream.command(f"MAIL FROM:<{command.address}>{upstream_params(upstream)}".encode("ascii"))
+            reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
         except UpstreamError as e:
             if not reused:
                 raise
@@ -530,7 +533,7 @@ class SMTPServerProtocol(Protocol):
             log.info("kept upstream session failed, reconnecting detail={detail}", detail=e.detail)
             self._upstream = None
             upstream = await self._upstream_session()
-            reply = await upstream.command(f"MAIL FROM:<{command.address}>{upstream_params(upstream)}".encode("ascii"))
+            reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
         if reply.is_positive:
             self._envelope = _Envelope(command.address)
             upstream.in_transaction = True
@@ -612,6 +615,8 @@ class SMTPServerProtocol(Protocol):
             self._reply(reply)
             return
         self._decoder = BodyDecoder(self.s.server.max_message_size)
+        if upstream.config.header_from is not None:
+            self._rewriter = FromRewriter(upstream.config.header_from, self.s.limits.max_header_size)
         upstream.register_producer(self._gate)
         self._reply(reply)
 
@@ -619,17 +624,24 @@ class SMTPServerProtocol(Protocol):
         decoder, upstream = self._decoder, self._upstream
         assert decoder is not None
         chunk = decoder.feed(data)
+        out = chunk.data
+        if self._rewriter is not None and decoder.fault is None:
+            try:
+                out = self._rewriter.feed(out) + (self._rewriter.finish() if chunk.done else b"")
+            except HeaderTooLong:
+                decoder.refuse(BodyFault.HEADER_TOO_BIG)
         if upstream is not None and upstream.usable and decoder.fault is not None:
             # Stop the partial body here: the upstream never sees an end of data for it.
             upstream.abort()
         if not chunk.done:
-            if chunk.data and upstream is not None and upstream.usable:
-                upstream.send_body(chunk.data)
+            if out and upstream is not None and upstream.usable:
+                upstream.send_body(out)
             return
         self._decoder = None
+        self._rewriter = None
         self._gate.release("upstream")
         self._buffer = chunk.rest + self._buffer
-        self._start(self._end_of_data(chunk.data, decoder))
+        self._start(self._end_of_data(out, decoder))
 
     async def _end_of_data(self, last: bytes, decoder: BodyDecoder) -> None:
         upstream, envelope = self._upstream, self._envelope
@@ -661,6 +673,12 @@ class SMTPServerProtocol(Protocol):
             if not reply.is_positive:
                 upstream.close()
                 self._upstream = None
+
+
+def _mail_line(upstream: UpstreamSession, address: str, parameters: str) -> bytes:
+    # envelope_from: the provider accepts only its account's address as the envelope sender.
+    sender = upstream.config.envelope_from or address
+    return f"MAIL FROM:<{sender}>{parameters}".encode("ascii")
 
 
 class SMTPServerFactory(Factory):

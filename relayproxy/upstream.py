@@ -154,6 +154,13 @@ def _extensions(ehlo: Reply) -> dict[str, str]:
     return found
 
 
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    port: int
+    tls_options: Any
+
+
 @dataclass
 class UpstreamConnector:
     """Everything about one upstream that is the same for every session, computed once."""
@@ -167,60 +174,88 @@ class UpstreamConnector:
         trust = None
         if cfg.ca_file is not None:
             trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))  # type: ignore[no-untyped-call]
-        self._tls_options = ssl.optionsForClientTLS(cfg.host, trustRoot=trust)
+        self._targets = [
+            _Target(host, port, ssl.optionsForClientTLS(host, trustRoot=trust))
+            for host, port in ((cfg.host, cfg.port), *cfg.fallbacks)
+        ]
         self._ehlo = f"EHLO {cfg.helo_name or self.local_hostname}".encode("ascii")
         self._factory = Factory.forProtocol(lambda: UpstreamProtocol(self.reactor))
         # One "Starting factory" log line per upstream connection is noise.
         self._factory.noisy = False
 
-    def _endpoint(self) -> Any:
-        tcp = HostnameEndpoint(self.reactor, self.config.host, self.config.port, timeout=self.config.connect_timeout)
-        if self.config.tls == "implicit":
-            return wrapClientTLS(self._tls_options, tcp)
-        return tcp
-
     async def open(self) -> UpstreamSession:
-        """Connect, greet, secure and authenticate; every failure is an UpstreamError with a 4xx."""
+        """Connect, greet, secure and authenticate, trying each host in order.
+
+        Every failure is an UpstreamError with a 4xx for the client. The next host is tried when
+        one cannot be reached, fails TLS, times out or answers 4xx before MAIL; a 5xx (credentials
+        refused, service refused) goes back to the client, since another host would say the same.
+        """
+        failure: UpstreamError | None = None
+        for index, target in enumerate(self._targets):
+            try:
+                return await self._open(target)
+            except UpstreamError as e:
+                if not e.failover:
+                    raise
+                failure = e
+                if index + 1 < len(self._targets):
+                    log.warn(
+                        "upstream {name} host {host}:{port} failed, trying the next host: {detail}",
+                        name=self.config.name, host=target.host, port=target.port, detail=e.detail,
+                    )
+        assert failure is not None
+        raise failure
+
+    async def _open(self, target: _Target) -> UpstreamSession:
         cfg = self.config
         name = cfg.name
+        where = f"{target.host}:{target.port}"
+        endpoint: Any = HostnameEndpoint(self.reactor, target.host, target.port, timeout=cfg.connect_timeout)
+        if cfg.tls == "implicit":
+            endpoint = wrapClientTLS(target.tls_options, endpoint)
         try:
-            proto: UpstreamProtocol = await self._endpoint().connect(self._factory)
+            proto: UpstreamProtocol = await endpoint.connect(self._factory)
         except (ConnectError, OSError) as e:
-            raise UpstreamError(Catalogue.upstream_unreachable(name), f"connect to {cfg.host}:{cfg.port}: {e}") from None
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"connect to {where}: {e}", failover=True) from None
         session = UpstreamSession(proto, cfg)
         try:
-            await self._handshake(session)
+            await self._handshake(session, target)
         except UpstreamError:
             proto.abort()
             raise
         except _Lost as e:
             proto.abort()
             if e.reason.check(SSL.Error, VerificationError):  # type: ignore[no-untyped-call]
-                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"TLS failed: {_ssl_reason(e.reason)}") from None
-            raise UpstreamError(Catalogue.upstream_unreachable(name), f"connection lost during setup: {e}") from None
+                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"TLS with {where} failed: {_ssl_reason(e.reason)}", failover=True) from None
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"{where}: connection lost during setup: {e}", failover=True) from None
         except (_Timeout, _Desync, ReplyError) as e:
             proto.abort()
-            raise UpstreamError(Catalogue.upstream_unreachable(name), f"setup failed: {type(e).__name__} {e}") from None
+            raise UpstreamError(Catalogue.upstream_unreachable(name), f"{where}: setup failed: {type(e).__name__} {e}", failover=True) from None
         return session
 
-    async def _handshake(self, session: UpstreamSession) -> None:
+    async def _handshake(self, session: UpstreamSession, target: _Target) -> None:
         cfg, proto, name = self.config, session.protocol, self.config.name
+
+        def refused(step: str, reply: Reply, why: Reply) -> UpstreamError:
+            return UpstreamError(why, f"{target.host}:{target.port}: {step} refused: {reply}", failover=reply.is_temporary)
+
         greeting = await proto.read_reply(cfg.reply_timeout)
         if greeting.code != 220:
-            raise UpstreamError(Catalogue.upstream_unreachable(name), f"greeting refused: {greeting}")
+            raise refused("greeting", greeting, Catalogue.upstream_unreachable(name))
         ehlo = await proto.command(self._ehlo, cfg.reply_timeout)
         if ehlo.code != 250:
-            raise UpstreamError(Catalogue.upstream_unreachable(name), f"EHLO refused: {ehlo}")
+            raise refused("EHLO", ehlo, Catalogue.upstream_unreachable(name))
         if cfg.tls == "starttls":
             if "STARTTLS" not in _extensions(ehlo):
-                raise UpstreamError(Catalogue.upstream_tls_failed(name), "upstream does not offer STARTTLS")
+                # Also what a downgrade attack looks like: never continue in plaintext.
+                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"{target.host}:{target.port} does not offer STARTTLS", failover=True)
             ready = await proto.command(b"STARTTLS", cfg.reply_timeout)
             if ready.code != 220:
-                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"STARTTLS refused: {ready}")
-            proto.start_tls(self._tls_options)
+                raise refused("STARTTLS", ready, Catalogue.upstream_tls_failed(name))
+            proto.start_tls(target.tls_options)
             ehlo = await proto.command(self._ehlo, cfg.reply_timeout)
             if ehlo.code != 250:
-                raise UpstreamError(Catalogue.upstream_unreachable(name), f"EHLO after STARTTLS refused: {ehlo}")
+                raise refused("EHLO after STARTTLS", ehlo, Catalogue.upstream_unreachable(name))
         session.extensions = _extensions(ehlo)
         if cfg.username is not None and cfg.password is not None:
             await self._authenticate(session, cfg.username, cfg.password)
@@ -241,7 +276,7 @@ class UpstreamConnector:
         else:
             raise UpstreamError(refused, f"upstream offers no PLAIN or LOGIN (AUTH {' '.join(mechanisms) or 'absent'})")
         if reply.code != 235:
-            raise UpstreamError(refused, f"upstream refused the credentials for {username}: {reply}")
+            raise UpstreamError(refused, f"upstream refused the credentials for {username}: {reply}", failover=reply.is_temporary)
 
 
 def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
@@ -307,6 +342,18 @@ class UpstreamSession:
     def abort(self) -> None:
         self.broken = True
         self.protocol.abort()
+
+    def tls_description(self) -> str:
+        """The negotiated TLS version and the peer certificate's subject and expiry, for operators."""
+        handle = getattr(self.protocol.transport, "getHandle", lambda: None)()
+        if not isinstance(handle, SSL.Connection):
+            return "no TLS"
+        version = handle.get_protocol_version_name()
+        certificate = handle.get_peer_certificate(as_cryptography=True)
+        if certificate is None:
+            return version
+        subject = certificate.subject.rfc4514_string()
+        return f"{version}, certificate {subject}, expires {certificate.not_valid_after_utc:%Y-%m-%d}"
 
     def close(self) -> None:
         """QUIT politely without waiting; the server's reply does not matter any more."""

@@ -21,6 +21,7 @@ class BodyFault(enum.Enum):
     """Why a body cannot be relayed; the rest of it is still read up to the real end of data."""
 
     TOO_BIG = "too big"
+    HEADER_TOO_BIG = "header block too big to rewrite"
     LINE_TOO_LONG = "line too long"
     NUL = "NUL character"
 
@@ -50,6 +51,10 @@ class BodyDecoder:
         self._line_length = 0
         self.size = 0
         self._faults: set[BodyFault] = set()
+
+    def refuse(self, fault: BodyFault) -> None:
+        """A fault found by whoever consumes our output; the rest is still read, not passed on."""
+        self._faults.add(fault)
 
     @property
     def fault(self) -> BodyFault | None:

@@ -196,6 +196,7 @@ class Catalogue:
     NO_VALID_RECIPIENTS = composed(554, "5.5.1", "No valid recipients")
     TOO_MANY_RECIPIENTS = composed(452, "4.5.3", "Too many recipients")
     MESSAGE_TOO_BIG = composed(552, "5.3.4", "Message size exceeds fixed maximum message size")
+    HEADER_TOO_BIG = composed(552, "5.3.4", "Message header block too big to rewrite the From")
     BODY_LINE_TOO_LONG = composed(554, "5.6.0", "Message refused: a line is longer than 1000 octets")
     BODY_NUL = composed(554, "5.6.0", "Message refused: NUL character in message")
     UPSTREAM_LOST = composed(451, "4.4.2", "Upstream connection lost, try again later")

@@ -1,0 +1,41 @@
+"""`relayproxy check`: prove every upstream works with the central credentials, send no mail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from relayproxy.config import Config
+from relayproxy.credentials import read_users_file
+from relayproxy.errors import UpstreamError
+from relayproxy.upstream import UpstreamConnector
+
+
+async def check_upstreams(config: Config, reactor: Any, say: Callable[[str], None]) -> int:
+    """One line per upstream; the number of upstreams that failed."""
+    failed = 0
+    for name, upstream in config.upstreams.items():
+        connector = UpstreamConnector(reactor, upstream, config.server.hostname)
+        where = f"{upstream.host}:{upstream.port} ({upstream.tls})"
+        try:
+            session = await connector.open()
+        except UpstreamError as e:
+            failed += 1
+            say(f"FAIL upstream {name} {where}: {e.detail}")
+            continue
+        authenticated = "authenticated as " + upstream.username if upstream.username else "no credentials sent"
+        say(f"ok   upstream {name} {where}: {session.tls_description()}; {authenticated}")
+        session.close()
+    return failed
+
+
+def check_users(config: Config, say: Callable[[str], None]) -> None:
+    """Warnings only: the config loader already refused what cannot work."""
+    users = read_users_file(config.users_file)
+    for name in sorted(set(config.users) - set(users)):
+        say(f"warn user {name}: has a [users.{name}] section but no entry in {config.users_file}, so cannot log in")
+    routed = {name: config.user(name).upstream for name in users}
+    unused = sorted(set(config.upstreams) - set(routed.values()))
+    for name in unused:
+        say(f"warn upstream {name}: no user is routed to it")
+    say(f"ok   users file {config.users_file}: {len(users)} user(s)")

@@ -1,0 +1,75 @@
+"""Rewriting the header From of a streaming message (providers refuse a From that is not theirs).
+
+Only the header block is held, up to a bound; the body streams past unchanged. Input and output
+are the wire form BodyDecoder produces: CRLF line ends, dot-stuffed lines.
+"""
+
+from __future__ import annotations
+
+import re
+
+_END_OF_HEADER = b"\r\n\r\n"
+_FROM = re.compile(rb"^from[ \t]*:", re.IGNORECASE)
+_REPLY_TO = re.compile(rb"^reply-to[ \t]*:", re.IGNORECASE)
+
+
+class HeaderTooLong(Exception):
+    """The header block grew past the bound before its end was seen."""
+
+
+class FromRewriter:
+    """Replaces the header From with ``header_from``; the original becomes Reply-To if there is none."""
+
+    def __init__(self, header_from: str, max_header: int) -> None:
+        self._from = header_from.encode("utf-8")
+        self._max = max_header
+        self._held = b""
+        self._passing = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._passing:
+            return data
+        self._held += data
+        if self._held.startswith(b"\r\n"):
+            # No header block at all: the message starts with its body.
+            return self._release(b"", self._held)
+        end = self._held.find(_END_OF_HEADER)
+        if end < 0:
+            if len(self._held) > self._max:
+                raise HeaderTooLong()
+            return b""
+        return self._release(self._held[: end + 2], self._held[end + 2 :])
+
+    def finish(self) -> bytes:
+        """At end of data: a message that is all header (no blank line) is still rewritten."""
+        if self._passing:
+            return b""
+        if self._held and not self._held.endswith(b"\r\n"):
+            self._held += b"\r\n"
+        return self._release(self._held, b"")
+
+    def _release(self, header: bytes, rest: bytes) -> bytes:
+        self._passing = True
+        self._held = b""
+        return self._rewrite(header) + rest
+
+    def _rewrite(self, header: bytes) -> bytes:
+        fields: list[bytes] = []
+        for line in header.split(b"\r\n")[:-1]:
+            if line[:1] in (b" ", b"\t") and fields:
+                fields[-1] += b"\r\n" + line
+            else:
+                fields.append(line)
+        has_reply_to = any(_REPLY_TO.match(f) for f in fields)
+        replacement = [b"From: " + self._from]
+        out: list[bytes] = []
+        for field in fields:
+            if not _FROM.match(field):
+                out.append(field)
+            elif replacement:
+                if not has_reply_to:
+                    replacement.append(b"Reply-To: " + field.split(b":", 1)[1].strip(b" \t"))
+                out.extend(replacement)
+                replacement = []
+        # A message without a From gets one at the top; a second From is dropped with the first.
+        return b"".join(f + b"\r\n" for f in replacement + out)
