@@ -7,8 +7,9 @@ import getpass
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
-from relayproxy.config import DEFAULT_PATH
+from relayproxy.config import DEFAULT_PATH, load_config
 from relayproxy.credentials import (
     DEFAULT_ROUNDS,
     UsersFileError,
@@ -18,6 +19,7 @@ from relayproxy.credentials import (
     user_name_problem,
     write_users_file,
 )
+from relayproxy.errors import ConfigError
 
 
 class CommandError(Exception):
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # Each subcommand sets func(args) -> exit status.
     _add_passwd(sub)
+    _add_oauth(sub)
     _add_demo(sub)
     return parser
 
@@ -67,6 +70,93 @@ def _demo(args: argparse.Namespace) -> int:
     from relayproxy.demo import run_demo
 
     return run_demo(args.dir, args.port, args.plain_port, args.smarthost_port)
+
+
+def _add_oauth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    oauth = sub.add_parser(
+        "oauth",
+        help="sign in an xoauth2 upstream once and store its refresh token",
+        description=(
+            "Sign in [upstream.NAME] with the OAuth device authorization grant: print a URL and a code "
+            "to enter there in any browser, wait for the sign-in, and store the refresh token in the "
+            "upstream's refresh_token_file. Exit status 0 once stored, 1 if the sign-in was declined, "
+            "expired or failed, 2 for a configuration problem."
+        ),
+    )
+    oauth.add_argument("name", metavar="NAME", help="the upstream, as in [upstream.NAME]")
+    oauth.add_argument(
+        "--config", type=Path, default=DEFAULT_PATH, help="the configuration (default: %(default)s)"
+    )
+    oauth.set_defaults(func=_oauth)
+
+
+def _oauth(args: argparse.Namespace) -> int:
+    # Imported here so that the other subcommands do not pay for Twisted's web client.
+    from twisted.internet import task
+
+    from relayproxy.oauth import DevicePrompt, TokenError, device_flow
+
+    name: str = args.name
+    try:
+        # The refresh token file may not exist yet: creating it is what this command is for.
+        config = load_config(args.config, for_oauth_setup=True)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"relayproxy: {problem}", file=sys.stderr)
+        return 2
+    upstream = config.upstreams.get(name)
+    where = f"{config.path}: upstream.{name}"
+    if upstream is None:
+        raise CommandError(
+            f"{config.path}: there is no [upstream.{name}]; name one of: {', '.join(config.upstreams)}"
+        )
+    if upstream.oauth is None:
+        raise CommandError(
+            f'{where}.auth: "password" needs no sign-in; set auth = "xoauth2" with token_url, '
+            "client_id, refresh_token_file and device_authorization_url"
+        )
+    if upstream.oauth.grant != "refresh_token":
+        raise CommandError(
+            f'{where}.grant: "client_credentials" needs no sign-in, relayproxy authenticates with '
+            'the client secret; use grant = "refresh_token" to sign in as a user'
+        )
+    if upstream.oauth.device_authorization_url is None:
+        raise CommandError(
+            f"{where}.device_authorization_url: missing; set the provider's device authorization "
+            'endpoint, such as "https://login.microsoftonline.com/TENANT/oauth2/v2.0/devicecode"'
+        )
+
+    def show(prompt: DevicePrompt) -> None:
+        print(f"To sign in upstream {name} as {upstream.username}, open {prompt.verification_uri}")
+        print(f"and enter the code {prompt.user_code} within {prompt.expires_in / 60:.0f} minutes.")
+        if prompt.verification_uri_complete:
+            print(f"(Or open {prompt.verification_uri_complete}, which has the code filled in.)")
+        print("Waiting for the sign-in...", flush=True)
+
+    # What sign_in ended with: None once stored, else the reason; nothing if interrupted.
+    outcome: list[str | None] = []
+
+    async def sign_in(reactor: Any) -> None:
+        try:
+            await device_flow(reactor, upstream, show)
+        except TokenError as e:
+            outcome.append(e.detail)
+        else:
+            outcome.append(None)
+
+    try:
+        task.react(sign_in)
+    except SystemExit:
+        # react always ends by exiting; how the sign-in went is in outcome.
+        pass
+    if not outcome:
+        print("relayproxy: the sign-in was interrupted; nothing was stored", file=sys.stderr)
+        return 1
+    if outcome[0] is not None:
+        print(f"relayproxy: {outcome[0]}", file=sys.stderr)
+        return 1
+    print(f"Signed in: stored the refresh token in {upstream.oauth.refresh_token_file}")
+    return 0
 
 
 def _add_passwd(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,12 @@ from relayproxy.errors import ConfigError
 
 ListenerTLS = Literal["starttls", "implicit", "none"]
 UpstreamTLS = Literal["implicit", "starttls", "none"]
+UpstreamAuth = Literal["password", "xoauth2"]
+OAuthGrant = Literal["refresh_token", "client_credentials"]
 _LISTENER_TLS: tuple[ListenerTLS, ...] = ("starttls", "implicit", "none")
 _UPSTREAM_TLS: tuple[UpstreamTLS, ...] = ("implicit", "starttls", "none")
+_UPSTREAM_AUTH: tuple[UpstreamAuth, ...] = ("password", "xoauth2")
+_OAUTH_GRANTS: tuple[OAuthGrant, ...] = ("refresh_token", "client_credentials")
 
 DEFAULT_PATH = Path("/etc/relayproxy/relayproxy.toml")
 
@@ -40,6 +45,7 @@ class ServerConfig:
     hostname: str
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100
+    shutdown_grace: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,26 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True)
+class OAuthConfig:
+    """Where and how an upstream with auth = "xoauth2" gets its access tokens.
+
+    The refresh token is not held here: it rotates, so relayproxy.oauth reads it from
+    ``refresh_token_file`` whenever it refreshes, and a reload sees an unchanged upstream.
+    """
+
+    token_url: str
+    client_id: str
+    grant: OAuthGrant = "refresh_token"
+    client_secret: str | None = field(default=None, repr=False)
+    # Set exactly when grant is "refresh_token".
+    refresh_token_file: Path | None = None
+    scope: str | None = None
+    device_authorization_url: str | None = None
+    # PEM CA certificates for the token endpoints; None: the system's trust store.
+    token_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     host: str
@@ -68,6 +94,9 @@ class UpstreamConfig:
     connect_timeout: float = 30.0
     reply_timeout: float = 300.0
     data_timeout: float = 600.0
+    auth: UpstreamAuth = "password"
+    # Set exactly when auth is "xoauth2"; username is then the mailbox and password None.
+    oauth: OAuthConfig | None = None
     fallbacks: tuple[tuple[str, int], ...] = ()
     """Further hosts after ``host``/``port`` (from ``hosts = [...]``), tried in order."""
     envelope_from: str | None = None
@@ -133,10 +162,14 @@ class Config:
         return self.users.get(name, UserConfig(name))
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: Path, environ: Mapping[str, str] | None = None, *, for_oauth_setup: bool = False
+) -> Config:
     """Read and check the configuration at ``path``.
 
-    ``environ`` supplies the variables named by ``password_env`` (default: ``os.environ``).
+    ``environ`` supplies the variables named by ``password_env`` and CREDENTIALS_DIRECTORY for
+    ``*_credential`` (default: ``os.environ``). ``for_oauth_setup`` accepts a missing
+    ``refresh_token_file``, which ``relayproxy oauth`` is about to create.
     Raises ConfigError listing every problem found, not just the first.
     """
     try:
@@ -160,7 +193,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     listeners = _read_listeners(top)
     tls = _read_tls(top.table("tls"), base, listeners)
     users_file, user_names = _read_auth(top.table("auth"), base)
-    upstreams = _read_upstreams(top, base, os.environ if environ is None else environ)
+    upstreams = _read_upstreams(top, base, os.environ if environ is None else environ, for_oauth_setup)
     users = _read_users(top, upstreams, user_names)
     limits = _read_limits(top.table("limits"))
 
@@ -366,7 +399,7 @@ def _is_loopback_host(host: str) -> bool:
 
 
 def _read_server(table: _Table) -> ServerConfig:
-    table.check_known(["hostname", "max_message_size", "max_recipients"])
+    table.check_known(["hostname", "max_message_size", "max_recipients", "shutdown_grace"])
     return ServerConfig(
         hostname=table.required_string(
             "hostname", "write the name this relay announces, such as \"relay.example.org\""
@@ -385,6 +418,7 @@ def _read_server(table: _Table) -> ServerConfig:
             low=1,
             high=2**31 - 1,
         ),
+        shutdown_grace=table.seconds("shutdown_grace", ServerConfig.shutdown_grace),
     )
 
 
@@ -546,7 +580,9 @@ def _read_auth(table: _Table, base: Path) -> tuple[Path, frozenset[str]]:
     return path, frozenset(users)
 
 
-def _read_upstreams(top: _Table, base: Path, environ: Mapping[str, str]) -> dict[str, UpstreamConfig]:
+def _read_upstreams(
+    top: _Table, base: Path, environ: Mapping[str, str], for_oauth_setup: bool
+) -> dict[str, UpstreamConfig]:
     upstreams = {}
     tables = top.subtables("upstream")
     if not top.data.get("upstream"):
@@ -556,20 +592,37 @@ def _read_upstreams(top: _Table, base: Path, environ: Mapping[str, str]) -> dict
             'add an [upstream.default] section with host = "smtp.example.com"',
         )
     for name, table in tables:
-        upstreams[name] = _read_upstream(name, table, base, environ)
+        upstreams[name] = _read_upstream(name, table, base, environ, for_oauth_setup)
     return upstreams
 
 
-def _read_upstream(name: str, table: _Table, base: Path, environ: Mapping[str, str]) -> UpstreamConfig:
+_PASSWORD_KEYS = ("password_file", "password_env", "password_credential")
+_CLIENT_SECRET_KEYS = ("client_secret_file", "client_secret_credential")
+_OAUTH_KEYS = (
+    "token_url",
+    "client_id",
+    *_CLIENT_SECRET_KEYS,
+    "refresh_token_file",
+    "scope",
+    "grant",
+    "device_authorization_url",
+    "token_ca_file",
+)
+
+
+def _read_upstream(
+    name: str, table: _Table, base: Path, environ: Mapping[str, str], for_oauth_setup: bool
+) -> UpstreamConfig:
     table.check_known(
         [
             "host",
             "port",
             "tls",
             "ca_file",
+            "auth",
             "username",
-            "password_file",
-            "password_env",
+            *_PASSWORD_KEYS,
+            *_OAUTH_KEYS,
             "helo_name",
             "connect_timeout",
             "reply_timeout",
@@ -588,15 +641,41 @@ def _read_upstream(name: str, table: _Table, base: Path, environ: Mapping[str, s
     ca_file = table.path("ca_file", base, "write the path of a PEM file of CA certificates")
     if ca_file is not None:
         table.read_file("ca_file", ca_file, "check the path and that the relayproxy user may read it")
+    auth = table.choice("auth", _UPSTREAM_AUTH, "password")
     username = table.string("username", 'write the login name, such as "relay@example.com"')
-    password = _read_upstream_password(table, base, environ)
     # Judged by presence, not by validity: a bad value has been reported already.
     has_username = "username" in table.data
-    has_password = "password_file" in table.data or "password_env" in table.data
-    if has_username and not has_password:
-        table.problem("username", "set without a password", "set password_file or password_env too")
-    if has_password and not has_username:
-        table.problem("username", "missing, but a password is set", "set username too")
+    password = None
+    oauth = None
+    if auth == "password":
+        for key in _OAUTH_KEYS:
+            if key in table.data:
+                table.problem(key, 'only used with auth = "xoauth2"', 'set auth = "xoauth2" or remove it')
+        password = _read_secret(table, base, environ, _PASSWORD_KEYS, "password")
+        has_password = any(key in table.data for key in _PASSWORD_KEYS)
+        if has_username and not has_password:
+            table.problem(
+                "username", "set without a password", "set password_file, password_env or password_credential too"
+            )
+        if has_password and not has_username:
+            table.problem("username", "missing, but a password is set", "set username too")
+        has_credentials = has_username or has_password
+    else:
+        for key in _PASSWORD_KEYS:
+            if key in table.data:
+                table.problem(
+                    key,
+                    'not used with auth = "xoauth2", which logs in with an access token',
+                    'remove it, or set auth = "password"',
+                )
+        if not has_username:
+            table.problem(
+                "username",
+                'missing: auth = "xoauth2" needs the mailbox to log in as',
+                'set username to the mailbox, such as "alerts@example.org"',
+            )
+        oauth = _read_oauth(name, table, base, environ, for_oauth_setup)
+        has_credentials = True
     if tls == "none" and host:
         if not _is_loopback_host(host):
             table.problem(
@@ -604,7 +683,7 @@ def _read_upstream(name: str, table: _Table, base: Path, environ: Mapping[str, s
                 f'"none" is only allowed for a loopback host, not {json.dumps(host)}',
                 'use "implicit" or "starttls"',
             )
-        elif has_username or has_password:
+        elif has_credentials:
             table.problem(
                 "tls",
                 '"none" with credentials configured: relayproxy never sends credentials in the clear',
@@ -618,6 +697,8 @@ def _read_upstream(name: str, table: _Table, base: Path, environ: Mapping[str, s
         ca_file=ca_file,
         username=username,
         password=password,
+        auth=auth,
+        oauth=oauth,
         helo_name=table.string("helo_name", 'write a host name such as "relay.example.org"'),
         connect_timeout=table.seconds("connect_timeout", UpstreamConfig.connect_timeout),
         reply_timeout=table.seconds("reply_timeout", UpstreamConfig.reply_timeout),
@@ -625,38 +706,195 @@ def _read_upstream(name: str, table: _Table, base: Path, environ: Mapping[str, s
     )
 
 
-def _read_upstream_password(table: _Table, base: Path, environ: Mapping[str, str]) -> str | None:
-    password_file = table.path("password_file", base, "write the path of a file holding the password")
-    variable = table.string("password_env", "write the name of an environment variable")
-    if password_file is not None and variable is not None:
-        table.problem("password_env", "set together with password_file", "set only one of them")
-        return None
-    if password_file is not None:
-        data = table.read_file(
-            "password_file", password_file, "check the path and that the relayproxy user may read it"
+def _read_oauth(
+    name: str, table: _Table, base: Path, environ: Mapping[str, str], for_oauth_setup: bool
+) -> OAuthConfig:
+    token_url = _https_url(
+        table,
+        "token_url",
+        "write the provider's token endpoint, such as "
+        '"https://login.microsoftonline.com/TENANT/oauth2/v2.0/token"',
+        required=True,
+    )
+    client_id = table.required_string(
+        "client_id", "write the client ID of the application registered with the provider"
+    )
+    grant = table.choice("grant", _OAUTH_GRANTS, "refresh_token")
+    client_secret = _read_secret(table, base, environ, _CLIENT_SECRET_KEYS, "client secret")
+    scope = table.string("scope", 'write the scopes separated by spaces, such as "https://mail.google.com/"')
+    device_authorization_url = _https_url(
+        table,
+        "device_authorization_url",
+        "write the provider's device authorization endpoint, such as "
+        '"https://login.microsoftonline.com/TENANT/oauth2/v2.0/devicecode"',
+    )
+    token_ca_file = table.path("token_ca_file", base, "write the path of a PEM file of CA certificates")
+    if token_ca_file is not None:
+        table.read_file("token_ca_file", token_ca_file, "check the path and that the relayproxy user may read it")
+    refresh_token_file = table.path(
+        "refresh_token_file", base, "write the path of the file relayproxy keeps the refresh token in"
+    )
+    if grant == "refresh_token":
+        if "refresh_token_file" not in table.data:
+            table.problem(
+                "refresh_token_file",
+                'missing: grant = "refresh_token" needs a file to keep the refresh token in',
+                'set it, such as "/var/lib/relayproxy/NAME.refresh-token", and sign in with: relayproxy oauth NAME',
+            )
+        elif refresh_token_file is not None:
+            _check_refresh_token_file(name, table, refresh_token_file, for_oauth_setup)
+    else:
+        if not any(key in table.data for key in _CLIENT_SECRET_KEYS):
+            table.problem(
+                "client_secret_file",
+                'missing: grant = "client_credentials" authenticates the application with its client secret',
+                "set client_secret_file or client_secret_credential",
+            )
+        if "scope" not in table.data:
+            table.problem(
+                "scope",
+                'missing: grant = "client_credentials" needs the resource\'s scope',
+                'for Microsoft 365 write scope = "https://outlook.office365.com/.default"',
+            )
+        for key in ("refresh_token_file", "device_authorization_url"):
+            if key in table.data:
+                table.problem(
+                    key, 'not used with grant = "client_credentials"', 'remove it, or set grant = "refresh_token"'
+                )
+    return OAuthConfig(
+        token_url=token_url,
+        client_id=client_id,
+        grant=grant,
+        client_secret=client_secret,
+        refresh_token_file=refresh_token_file if grant == "refresh_token" else None,
+        scope=scope,
+        device_authorization_url=device_authorization_url if grant == "refresh_token" else None,
+        token_ca_file=token_ca_file,
+    )
+
+
+def _https_url(table: _Table, name: str, fix: str, *, required: bool = False) -> str:
+    """An https URL, or "" when absent or wrong (reported)."""
+    url = table.string(name, fix, required=required)
+    if url is None:
+        return ""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme == "https" and bool(parts.hostname) and url.isascii() and not parts.fragment
+    except ValueError:
+        ok = False
+    if not ok:
+        # Client secrets and tokens cross this connection: only verified TLS will do.
+        table.problem(name, f"{json.dumps(url)} is not an https:// URL", fix)
+        return ""
+    return url
+
+
+def _check_refresh_token_file(name: str, table: _Table, path: Path, for_oauth_setup: bool) -> None:
+    directory = path.parent
+    # The proxy replaces the file when the provider rotates the token, which needs a writable directory.
+    if not directory.is_dir():
+        table.problem(
+            "refresh_token_file",
+            f"the directory {directory} does not exist",
+            "create it, writable by the relayproxy user (systemd: StateDirectory=relayproxy makes /var/lib/relayproxy)",
         )
-        if data is None:
+        return
+    if not os.access(directory, os.W_OK):
+        table.problem(
+            "refresh_token_file",
+            f"the directory {directory} is not writable, so a rotated refresh token could not be saved",
+            "use a directory the relayproxy user may write, such as /var/lib/relayproxy",
+        )
+    sign_in = f"sign in with: relayproxy oauth {name} --config {table.report.file}"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if not for_oauth_setup:
+            table.problem("refresh_token_file", f"{path} does not exist", sign_in)
+        return
+    except OSError as e:
+        table.problem(
+            "refresh_token_file", f"cannot read {path}: {e.strerror}", "check that the relayproxy user may read it"
+        )
+        return
+    if not for_oauth_setup:
+        _secret_text(table, "refresh_token_file", data, str(path), sign_in)
+
+
+def _read_secret(
+    table: _Table, base: Path, environ: Mapping[str, str], keys: Sequence[str], what: str
+) -> str | None:
+    """The secret named by whichever one of ``keys`` (``*_file``, ``*_env``, ``*_credential``) is set."""
+    present = [key for key in keys if key in table.data]
+    for key in present[1:]:
+        table.problem(key, f"set together with {present[0]}", "set only one of them")
+    if len(present) != 1:
+        return None
+    key = present[0]
+    write = f"write the {what} into it"
+    if key.endswith("_file"):
+        path = table.path(key, base, f"write the path of a file holding the {what}")
+        if path is None:
             return None
-        try:
-            password = data.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            table.problem("password_file", f"{password_file} is not UTF-8 text", "write the password as UTF-8")
+        data = table.read_file(key, path, "check the path and that the relayproxy user may read it")
+        return None if data is None else _secret_text(table, key, data, str(path), write)
+    if key.endswith("_env"):
+        variable = table.string(key, "write the name of an environment variable")
+        if variable is None:
             return None
-        if not password:
-            table.problem("password_file", f"{password_file} is empty", "write the password into it")
-            return None
-        return password
-    if variable is not None:
         value = environ.get(variable)
         if not value:
             table.problem(
-                "password_env",
+                key,
                 f"the environment variable {variable} is not set or empty",
                 "set it in the environment relayproxy starts with",
             )
             return None
         return value
-    return None
+    return _read_credential(table, key, environ, what)
+
+
+def _read_credential(table: _Table, key: str, environ: Mapping[str, str], what: str) -> str | None:
+    """A systemd credential: the unit's LoadCredential=NAME:PATH puts it in $CREDENTIALS_DIRECTORY/NAME."""
+    name = table.string(key, "write the NAME of the unit's LoadCredential=NAME:PATH")
+    if name is None:
+        return None
+    load = f"LoadCredential={name}:/path/to/secret"
+    if "/" in name or name in (".", ".."):
+        table.problem(key, f"{json.dumps(name)} is no credential name", "write the NAME of LoadCredential=NAME:PATH")
+        return None
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        table.problem(
+            key,
+            f"CREDENTIALS_DIRECTORY is not set, so there is no systemd credential {json.dumps(name)}",
+            f"start relayproxy from a systemd unit with {load}, or use {key.removesuffix('_credential')}_file",
+        )
+        return None
+    path = Path(directory) / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        table.problem(key, f"there is no credential {json.dumps(name)} in {directory}", f"add {load} to the unit")
+        return None
+    except OSError as e:
+        table.problem(key, f"cannot read {path}: {e.strerror}", "check the unit's LoadCredential line")
+        return None
+    return _secret_text(table, key, data, str(path), f"write the {what} into the file of {load}")
+
+
+def _secret_text(table: _Table, key: str, data: bytes, source: str, fix: str) -> str | None:
+    """One line of UTF-8 text, as secrets are stored; the secret itself never enters a problem."""
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        table.problem(key, f"{source} is not UTF-8 text", fix)
+        return None
+    if not text:
+        table.problem(key, f"{source} is empty", fix)
+        return None
+    return text
 
 
 def _read_users(

@@ -44,6 +44,9 @@ _FAULT_REPLIES = {
     BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
     BodyFault.NUL: Catalogue.BODY_NUL,
 }
+_CLOSE_GRACE = 5.0
+"""Seconds a closing connection may take to say goodbye before it is aborted."""
+
 _INVALID_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
 """Replies that mean the client sent something it should not have: too many in a row end the session."""
 
@@ -144,10 +147,14 @@ class SMTPServerProtocol(Protocol):
         self._upstream: UpstreamSession | None = None
         self.peer = "unknown"
         self._greeted_client = False
+        self._draining = False
+        self._awaiting_verdict = False
 
     # -- Twisted events -------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if isinstance(self.factory, SMTPServerFactory):
+            self.factory.opened(self)
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = getattr(peer, "host", str(peer))
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -197,6 +204,8 @@ class SMTPServerProtocol(Protocol):
             waiter, self._line_waiter = self._line_waiter, None
             waiter.errback(ConnectionError("client went away"))
         self._drop_upstream(in_data=self._decoder is not None)
+        if isinstance(self.factory, SMTPServerFactory):
+            self.factory.closed(self)
 
     # -- framing ------------------------------------------------------------------------------
 
@@ -281,9 +290,36 @@ class SMTPServerProtocol(Protocol):
 
     def _resume(self, _: object) -> None:
         self._busy = False
-        if not self._closed:
-            self._arm_timer(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
-            self._process()
+        if self._closed:
+            return
+        if self._draining and self._idle:
+            self._shut_down()
+            return
+        self._arm_timer(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
+        self._process()
+
+    # -- graceful shutdown --------------------------------------------------------------------
+
+    @property
+    def _idle(self) -> bool:
+        return not self._busy and self._decoder is None and self._envelope is None
+
+    def drain(self) -> None:
+        """Shutting down: close now if idle, else after the transaction in progress."""
+        self._draining = True
+        if self._idle and not self._closed:
+            self._shut_down()
+
+    def force_close(self) -> None:
+        """The grace period is over. A session waiting for the upstream's verdict on a complete
+        message still gets it: cutting it would report a failure for mail that may be delivered."""
+        if not self._closed and not self._awaiting_verdict:
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        self._reply(Catalogue.shutting_down(self._hostname))
+        self._drop_upstream(in_data=self._decoder is not None)
+        self._close()
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
         try:
@@ -332,6 +368,9 @@ class SMTPServerProtocol(Protocol):
             self._closed = True
             self._cancel_timer()
             self.transport.loseConnection()  # type: ignore[union-attr]
+            # Over TLS, loseConnection waits for the client's close_notify; a client that never
+            # reads again would hold the session (and a graceful shutdown) open.
+            self._timer = self.s.clock.callLater(_CLOSE_GRACE, self.transport.abortConnection)  # type: ignore[union-attr]
 
     def _arm_timer(self, seconds: float) -> None:
         self._cancel_timer()
@@ -655,7 +694,11 @@ class SMTPServerProtocol(Protocol):
             self._upstream = None
             raise ProtocolError(Catalogue.UPSTREAM_LOST)
         upstream.in_transaction = False
-        reply = await upstream.end_data(last)
+        self._awaiting_verdict = True
+        try:
+            reply = await upstream.end_data(last)
+        finally:
+            self._awaiting_verdict = False
         log.info(
             "relayed client={client} user={user} upstream={upstream} from=<{sender}> rcpts={rcpts} size={size} reply={reply}",
             client=self.peer, user=self._username, upstream=upstream.config.name,
@@ -684,8 +727,27 @@ def _mail_line(upstream: UpstreamSession, address: str, parameters: str) -> byte
 class SMTPServerFactory(Factory):
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        self.sessions: set[SMTPServerProtocol] = set()
+        self._emptied: list[defer.Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:
         protocol = SMTPServerProtocol(self.settings)
         protocol.factory = self
         return protocol
+
+    def opened(self, session: SMTPServerProtocol) -> None:
+        self.sessions.add(session)
+
+    def closed(self, session: SMTPServerProtocol) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            waiters, self._emptied = self._emptied, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_empty(self) -> defer.Deferred[None]:
+        if not self.sessions:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._emptied.append(waiter)
+        return waiter

@@ -15,7 +15,7 @@ from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from OpenSSL import SSL
 from twisted.cred.portal import Portal
-from twisted.internet import ssl, threads
+from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -131,6 +131,28 @@ class RelayService(MultiService):
             throttle=self._throttle,
             connections=self._connections,
         )
+
+    def stopService(self) -> defer.Deferred[object]:
+        """Stop accepting; idle sessions get 421 4.3.2 now, the others when their transaction ends
+        or when ``shutdown_grace`` runs out (a message already handed over still gets its verdict)."""
+        stopped = super().stopService()  # type: ignore[no-untyped-call]
+        sessions = [session for factory in self._factories for session in list(factory.sessions)]
+        for session in sessions:
+            session.drain()
+        deadline = self._reactor.callLater(self.config.server.shutdown_grace, self._force_close)
+        drained = defer.gatherResults([factory.when_empty() for factory in self._factories])
+
+        def done(result: object) -> object:
+            if deadline.active():
+                deadline.cancel()
+            return result
+
+        return defer.gatherResults([defer.maybeDeferred(lambda: stopped), drained]).addBoth(done)
+
+    def _force_close(self) -> None:
+        for factory in self._factories:
+            for session in list(factory.sessions):
+                session.force_close()
 
     def reload_on_sighup(self) -> None:
         """Python runs signal handlers between bytecodes; the reload itself runs in the reactor."""

@@ -216,6 +216,10 @@ class Catalogue:
         return composed(421, "4.3.0", f"{hostname} Local error, closing connection")
 
     @staticmethod
+    def shutting_down(hostname: str) -> Reply:
+        return composed(421, "4.3.2", f"{hostname} Service shutting down")
+
+    @staticmethod
     def timeout(hostname: str) -> Reply:
         return composed(421, "4.4.2", f"{hostname} Timeout, closing connection")
 

@@ -1,0 +1,475 @@
+"""OAuth 2.0 access tokens for upstreams with auth = "xoauth2".
+
+``TokenSource`` keeps one upstream's access token fresh (refresh-token or client-credentials
+grant, RFC 6749); ``device_flow`` is the one-time sign-in of ``relayproxy oauth`` (RFC 8628)
+that stores the first refresh token. Every request goes over HTTPS with the certificate
+verified, and no secret or token ever enters a log line, an exception or a repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from twisted.internet import defer, ssl, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from relayproxy.config import OAuthConfig, UpstreamConfig
+from relayproxy.errors import RelayProxyError
+
+log = Logger()
+
+HTTP_TIMEOUT = 30.0
+"""Seconds for one request to a token endpoint, from connecting to the last byte of the answer."""
+
+REFRESH_MARGIN = 60.0
+"""A token that expires within this many seconds is refreshed first, so it cannot lapse mid-session."""
+
+# RFC 6749 5.1 only recommends expires_in; when a provider leaves it out, assume a short life
+# rather than keep a dead token for long.
+_DEFAULT_LIFETIME = 300.0
+# RFC 8628 3.2 and 3.5: the default polling interval, and how much slow_down adds to it.
+_DEFAULT_INTERVAL = 5.0
+_SLOW_DOWN = 5.0
+# Token answers are a few kilobytes; the bound keeps a broken endpoint from filling memory.
+_MAX_BODY = 1 << 20
+# Provider texts are echoed into logs: bounded, so a broken endpoint cannot flood them.
+_MAX_TEXT = 300
+
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+class TokenError(RelayProxyError):
+    """No access token; ``detail`` names the upstream and what failed, never a secret."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def xoauth2_initial_response(username: str, token: str) -> str:
+    """The base64 SASL XOAUTH2 response (Google's and Microsoft's format) for ``AUTH XOAUTH2``."""
+    raw = f"user={username}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode("utf-8")).decode("ascii")
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` and a newline atomically, mode 0600, durable on return."""
+    # mkstemp creates the file with mode 0600: the secret is never readable by others, not even briefly.
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            owner = _owner_for(path)
+            if owner is not None:
+                os.fchown(f.fileno(), *owner)
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    # The rename itself is only durable once the directory is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _owner_for(path: Path) -> tuple[int, int] | None:
+    """The owner a rewritten ``path`` should keep, if not the writer's.
+
+    When root runs ``relayproxy oauth``, the file must still be the daemon's: keep the owner of an
+    existing file, or give a new one the owner of its directory (such as /var/lib/relayproxy).
+    """
+    try:
+        existing = os.stat(path)
+    except FileNotFoundError:
+        existing = os.stat(path.parent)
+    owner = (existing.st_uid, existing.st_gid)
+    if owner == (os.getuid(), os.getgid()) or os.geteuid() != 0:
+        return None
+    return owner
+
+
+@dataclass(frozen=True)
+class DevicePrompt:
+    """What the person signing in must do: open ``verification_uri`` and enter ``user_code``."""
+
+    verification_uri: str
+    user_code: str
+    # The same URI with the code filled in, when the provider offers one.
+    verification_uri_complete: str | None
+    expires_in: float
+
+
+class _Endpoints:
+    """HTTPS form POSTs to one upstream's OAuth endpoints, each failure a TokenError."""
+
+    def __init__(self, reactor: Any, upstream: UpstreamConfig, timeout: float) -> None:
+        if upstream.oauth is None:
+            raise ValueError(f'upstream {upstream.name} does not have auth = "xoauth2"')
+        self.upstream = upstream.name
+        self.oauth: OAuthConfig = upstream.oauth
+        self._reactor = reactor
+        self._timeout = timeout
+        trust = None
+        if self.oauth.token_ca_file is not None:
+            trust = ssl.trustRootFromCertificates(_load_certificates(self.oauth.token_ca_file.read_bytes()))  # type: ignore[no-untyped-call]
+        # BrowserLikePolicyForHTTPS verifies the chain and the host name; None means the system's trust.
+        self._agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))  # type: ignore[no-untyped-call]
+
+    async def post(self, url: str, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
+        """The status and JSON object the endpoint answered ``form`` with."""
+        request = defer.Deferred.fromCoroutine(self._exchange(url, form))
+        # Timed on the reactor that does the I/O, whatever clock measures token lifetimes.
+        # Not addTimeout: a cancelled request fails with ResponseNeverReceived, not CancelledError.
+        timer = self._reactor.callLater(self._timeout, request.cancel)
+        try:
+            status, body = await request
+        except Exception as e:
+            if not timer.active():
+                what = f"no answer within {self._timeout:g} s"
+            elif isinstance(e, ResponseNeverReceived | ResponseFailed):
+                # The reasons of a failed TLS handshake include "certificate verify failed".
+                what = "no answer: " + "; ".join(_clean(r.getErrorMessage()) for r in e.reasons)
+            else:
+                what = f"request failed: {_clean(str(e)) or type(e).__name__}"
+            raise self.error(url, what) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise self.error(url, f"answered HTTP {status} with a body that is no JSON object")
+        return status, answer
+
+    async def _exchange(self, url: str, form: Mapping[str, str]) -> tuple[int, bytes]:
+        headers = Headers(
+            {
+                b"Content-Type": [b"application/x-www-form-urlencoded"],
+                b"Accept": [b"application/json"],
+                b"User-Agent": [b"relayproxy"],
+            }
+        )
+        body = FileBodyProducer(BytesIO(urlencode(form).encode("ascii")))  # type: ignore[no-untyped-call]
+        response = await self._agent.request(b"POST", url.encode("ascii"), headers, body)
+        return response.code, await _read_body(response)
+
+    def error(self, url: str, what: str) -> TokenError:
+        return TokenError(f"upstream {self.upstream}: {url}: {what}")
+
+    def refused(self, url: str, status: int, answer: Mapping[str, Any], hint: str = "") -> TokenError:
+        """The provider's own ``error`` and ``error_description``, as far as they are text."""
+        error = answer.get("error")
+        description = answer.get("error_description")
+        text = _clean(error) if isinstance(error, str) else "no error code"
+        if isinstance(description, str) and description:
+            text += f": {_clean(description)}"
+        return self.error(url, f"refused (HTTP {status}): {text}{hint}")
+
+
+class _Body(Protocol):
+    """Collects a response body of at most _MAX_BODY bytes."""
+
+    def __init__(self, done: defer.Deferred[bytes]) -> None:
+        self._done = done
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done.called:
+            return
+        self._size += len(data)
+        if self._size > _MAX_BODY:
+            self._done.errback(ValueError(f"the answer is larger than {_MAX_BODY} bytes"))
+            self.drop()
+            return
+        self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # type: ignore[no-untyped-call]
+        if self._done.called:
+            return
+        # PotentialDataLoss: an answer without Content-Length; a cut one fails as JSON anyway.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(b"".join(self._parts))
+        else:
+            self._done.errback(reason)
+
+    def drop(self) -> None:
+        # The response's transport can only stop producing, which closes the connection.
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+def _read_body(response: IResponse) -> defer.Deferred[bytes]:
+    """Twisted's readBody cannot close the connection when cancelled (by the timeout); this can."""
+    done: defer.Deferred[bytes] = defer.Deferred(lambda _: body.drop())
+    body = _Body(done)
+    response.deliverBody(body)
+    return done
+
+
+def _clean(text: str) -> str:
+    """Provider or library text made safe for one log line."""
+    printable = "".join(c if c.isprintable() else " " for c in text)
+    return printable if len(printable) <= _MAX_TEXT else printable[:_MAX_TEXT] + "…"
+
+
+def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
+    marker = b"-----END CERTIFICATE-----"
+    return [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"-----BEGIN" in part]
+
+
+def _number(value: object, default: float) -> float:
+    """A positive number of seconds from JSON; some providers send it as a string."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return default
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return float(value)
+    return default
+
+
+def _access_token(endpoints: _Endpoints, url: str, answer: Mapping[str, Any]) -> tuple[str, float]:
+    """The access token of a successful token response and its lifetime in seconds."""
+    token = answer.get("access_token")
+    if not isinstance(token, str) or not token or not token.isascii() or not token.isprintable():
+        raise endpoints.error(url, "answered without a usable access_token")
+    token_type = answer.get("token_type")
+    # XOAUTH2 sends the token as "Bearer"; any other kind would be refused by the mail server.
+    if isinstance(token_type, str) and token_type.lower() != "bearer":
+        raise endpoints.error(url, f"issued a {_clean(token_type)} token, not a Bearer token")
+    return token, _number(answer.get("expires_in"), _DEFAULT_LIFETIME)
+
+
+class TokenSource:
+    """One upstream's access token, cached until it nearly expires.
+
+    Make one per upstream and share it between sessions: concurrent callers then wait for the
+    same refresh, and a rotated refresh token is written back once.
+
+    ``reactor`` does the HTTPS requests and their timeouts; ``clock`` (default: the reactor)
+    measures token lifetimes, so tests can expire tokens with a ``task.Clock``.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        upstream: UpstreamConfig,
+        *,
+        clock: IReactorTime | None = None,
+        timeout: float = HTTP_TIMEOUT,
+    ) -> None:
+        self._endpoints = _Endpoints(reactor, upstream, timeout)
+        self._oauth = self._endpoints.oauth
+        self._name = upstream.name
+        self._clock: IReactorTime = reactor if clock is None else clock
+        self._access: str | None = None
+        self._expires_at = 0.0
+        self._waiters: list[defer.Deferred[str]] = []
+
+    def __repr__(self) -> str:
+        return f"<TokenSource upstream={self._name}>"
+
+    async def token(self) -> str:
+        """A valid access token; raises TokenError if none can be had."""
+        if self._access is not None and self._clock.seconds() < self._expires_at - REFRESH_MARGIN:
+            return self._access
+        # Every caller gets its own Deferred: one Deferred awaited twice would hand the
+        # second caller None, and cancelling one caller must not cancel the shared refresh.
+        waiter: defer.Deferred[str] = defer.Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
+            defer.Deferred.fromCoroutine(self._refresh_for_waiters())
+        return await waiter
+
+    def invalidate(self, token: str) -> None:
+        """Forget ``token`` (the mail server refused it) so that the next ``token()`` refreshes."""
+        if token == self._access:
+            self._access = None
+
+    async def _refresh_for_waiters(self) -> None:
+        outcome: str | Failure
+        try:
+            outcome = await self._refresh()
+        except Exception:
+            # Any failure, a bug included, must reach the waiters rather than leave them hanging.
+            outcome = Failure()  # type: ignore[no-untyped-call]
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if waiter.called:
+                continue  # cancelled by its caller
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+    async def _refresh(self) -> str:
+        oauth = self._oauth
+        form = {"grant_type": oauth.grant, "client_id": oauth.client_id}
+        refresh_token = None
+        if oauth.grant == "refresh_token":
+            # Read each time: the file is the one place the current refresh token lives, so a
+            # new sign-in with ``relayproxy oauth`` takes effect without a restart.
+            refresh_token = self._read_refresh_token()
+            form["refresh_token"] = refresh_token
+        if oauth.client_secret is not None:
+            form["client_secret"] = oauth.client_secret
+        if oauth.scope is not None:
+            form["scope"] = oauth.scope
+        # Lifetimes count from the request, not the answer: the token may be that much older.
+        started = self._clock.seconds()
+        url = oauth.token_url
+        status, answer = await self._endpoints.post(url, form)
+        if status != 200 or "error" in answer:
+            hint = ""
+            if answer.get("error") == "invalid_grant" and oauth.grant == "refresh_token":
+                hint = f"; the sign-in is no longer valid: run relayproxy oauth {self._name}"
+            raise self._endpoints.refused(url, status, answer, hint)
+        token, lifetime = _access_token(self._endpoints, url, answer)
+        self._access, self._expires_at = token, started + lifetime
+        log.info("upstream {upstream}: new access token, valid for {lifetime:.0f} s", upstream=self._name, lifetime=lifetime)
+        rotated = answer.get("refresh_token")
+        if refresh_token is not None and isinstance(rotated, str) and rotated and rotated != refresh_token:
+            self._store_rotated(rotated)
+        return token
+
+    def _read_refresh_token(self) -> str:
+        path = self._oauth.refresh_token_file
+        assert path is not None, "load_config sets refresh_token_file for the refresh_token grant"
+        sign_in = f"sign in with: relayproxy oauth {self._name}"
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise TokenError(f"upstream {self._name}: cannot read the refresh token from {path}: {reason}; {sign_in}") from None
+        if not text:
+            raise TokenError(f"upstream {self._name}: {path} holds no refresh token; {sign_in}")
+        return text
+
+    def _store_rotated(self, refresh_token: str) -> None:
+        path = self._oauth.refresh_token_file
+        assert path is not None
+        # A small synchronous write in the reactor thread: rare (once per refresh at most)
+        # and it must be on disk before the old token is forgotten.
+        try:
+            write_secret_file(path, refresh_token)
+        except OSError as e:
+            # The access token just issued is good; providers that rotate (Microsoft) keep the
+            # old refresh token valid for a while, so carry on and let the next refresh retry.
+            log.error(
+                "upstream {upstream}: cannot store the rotated refresh token in {path}: {reason}",
+                upstream=self._name,
+                path=str(path),
+                reason=e.strerror,
+            )
+            return
+        log.info("upstream {upstream}: stored the rotated refresh token in {path}", upstream=self._name, path=str(path))
+
+
+async def device_flow(
+    reactor: Any,
+    upstream: UpstreamConfig,
+    show: Callable[[DevicePrompt], None],
+    *,
+    clock: IReactorTime | None = None,
+    timeout: float = HTTP_TIMEOUT,
+) -> None:
+    """Sign in with the device authorization grant (RFC 8628); store the refresh token.
+
+    ``show`` tells the person what to open and enter. Polls until they approve, deny or the code
+    expires, then writes the refresh token to ``refresh_token_file`` (atomically, mode 0600).
+    Raises TokenError on denial, expiry or any failure. ``clock`` (default: the reactor) paces
+    the polling.
+    """
+    endpoints = _Endpoints(reactor, upstream, timeout)
+    oauth = endpoints.oauth
+    if oauth.device_authorization_url is None or oauth.refresh_token_file is None:
+        raise ValueError(f"upstream {upstream.name} needs device_authorization_url and refresh_token_file")
+    clock = reactor if clock is None else clock
+    client: dict[str, str] = {"client_id": oauth.client_id}
+    if oauth.scope is not None:
+        client["scope"] = oauth.scope
+
+    url = oauth.device_authorization_url
+    status, answer = await endpoints.post(url, client)
+    if status != 200 or "error" in answer:
+        raise endpoints.refused(url, status, answer)
+    device_code = answer.get("device_code")
+    user_code = answer.get("user_code")
+    # Google calls it verification_url.
+    uri = answer.get("verification_uri") or answer.get("verification_url")
+    complete = answer.get("verification_uri_complete")
+    if not all(isinstance(v, str) and v for v in (device_code, user_code, uri)):
+        raise endpoints.error(url, "answered without device_code, user_code and verification_uri")
+    assert isinstance(device_code, str) and isinstance(user_code, str) and isinstance(uri, str)
+    expires_in = _number(answer.get("expires_in"), 600.0)
+    show(DevicePrompt(_clean(uri), _clean(user_code), _clean(complete) if isinstance(complete, str) else None, expires_in))
+
+    interval = _number(answer.get("interval"), _DEFAULT_INTERVAL)
+    deadline = clock.seconds() + expires_in
+    expired = "the code expired before the sign-in was approved; run relayproxy oauth again"
+    poll = {"grant_type": DEVICE_CODE_GRANT, "device_code": device_code, "client_id": oauth.client_id}
+    if oauth.client_secret is not None:
+        # Google's device flow wants the client secret too; Microsoft's ignores it for public clients.
+        poll["client_secret"] = oauth.client_secret
+    while True:
+        await task.deferLater(clock, interval, lambda: None)
+        if clock.seconds() >= deadline:
+            raise endpoints.error(oauth.token_url, f"expired_token: {expired}")
+        status, answer = await endpoints.post(oauth.token_url, poll)
+        error = answer.get("error")
+        if status == 200 and error is None:
+            break
+        if error == "authorization_pending":
+            continue
+        if error == "slow_down":
+            interval += _SLOW_DOWN
+            continue
+        if error == "access_denied":
+            raise endpoints.error(oauth.token_url, "access_denied: the sign-in was declined")
+        if error == "expired_token":
+            raise endpoints.error(oauth.token_url, f"expired_token: {expired}")
+        raise endpoints.refused(oauth.token_url, status, answer)
+    _access_token(endpoints, oauth.token_url, answer)
+    refresh_token = answer.get("refresh_token")
+    if not isinstance(refresh_token, str) or not refresh_token:
+        raise endpoints.error(
+            oauth.token_url,
+            "issued no refresh token; add the scope that grants one (Microsoft: offline_access)",
+        )
+    try:
+        write_secret_file(oauth.refresh_token_file, refresh_token)
+    except OSError as e:
+        raise TokenError(
+            f"upstream {upstream.name}: cannot write {oauth.refresh_token_file}: {e.strerror}"
+        ) from None
