@@ -361,7 +361,7 @@ class SMTPServerProtocol(Protocol):
 
     def _reply(self, reply: Reply) -> None:
         if not self._closed:
-            self.transport.write(reply.to_bytes(self._ehlo))  # type: ignore[union-attr]
+            self.transport.write(reply.to_bytes())  # type: ignore[union-attr]
 
     def _close(self) -> None:
         if not self._closed:
@@ -406,6 +406,10 @@ class SMTPServerProtocol(Protocol):
     # -- commands -----------------------------------------------------------------------------
 
     async def _command(self, line: bytes) -> None:
+        # Open-relay probes (source routes, bang paths, user@a@b) learn nothing but "log in first":
+        # the address is not even parsed for a client that has not authenticated.
+        if self._user is None and line.split(b" ", 1)[0].upper() in (b"MAIL", b"RCPT") and b"\r" not in line and b"\n" not in line:
+            raise ProtocolError(Catalogue.AUTH_REQUIRED)
         command = parse_command(line)
         handler = getattr(self, f"_smtp_{command.verb}", None)
         if handler is None:

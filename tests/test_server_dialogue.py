@@ -89,22 +89,13 @@ def test_ehlo_after_login_has_no_auth(relay: Dialogue) -> None:
 def test_helo(d: Dialogue) -> None:
     d.send(b"HELO client.test\r\n")
     assert d.output() == b"250 relay.test\r\n"
-    # No enhanced codes after HELO.
     d.send(b"NOOP\r\n")
-    assert d.output() == b"250 OK\r\n"
+    assert d.output() == b"250 2.0.0 OK\r\n"
 
 
-def test_ehlo_then_helo_drops_enhanced_codes(e: Dialogue) -> None:
-    e.send(b"NOOP\r\n")
-    assert e.output() == b"250 2.0.0 OK\r\n"
-    e.command("HELO client.test")
-    e.send(b"NOOP\r\n")
-    assert e.output() == b"250 OK\r\n"
-
-
-def test_no_enhanced_codes_before_ehlo(d: Dialogue) -> None:
+def test_enhanced_codes_before_ehlo(d: Dialogue) -> None:
     d.send(b"XYZZY\r\n")
-    assert d.output() == b"500 Command unrecognized\r\n"
+    assert d.output() == b"500 5.5.1 Command unrecognized\r\n"
 
 
 # -- STARTTLS listener without TLS ----------------------------------------------------------------
@@ -424,7 +415,7 @@ def test_idle_timeout(e: Dialogue) -> None:
 
 def test_idle_timeout_before_ehlo(d: Dialogue) -> None:
     d.clock.advance(300)
-    assert d.output() == b"421 relay.test Timeout, closing connection\r\n"
+    assert d.output() == b"421 4.4.2 relay.test Timeout, closing connection\r\n"
     assert d.closed
 
 

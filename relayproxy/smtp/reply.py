@@ -61,9 +61,14 @@ class Reply:
     def is_permanent(self) -> bool:
         return self.code >= 500
 
-    def to_bytes(self, with_enhanced: bool = True) -> bytes:
-        """The reply on the wire; ``with_enhanced`` is false before the client said EHLO (RFC 2034)."""
-        prefix = f"{self.enhanced} " if self.enhanced and with_enhanced else ""
+    def to_bytes(self) -> bytes:
+        """The reply on the wire, every line prefixed with the enhanced code when there is one.
+
+        Sent before EHLO too (as Postfix does): a client that does not know RFC 2034 still reads
+        the basic code, and the replies that can only come before EHLO (too many connections, an
+        early talker) keep the code operators and fail2ban filters look for.
+        """
+        prefix = f"{self.enhanced} " if self.enhanced else ""
         last = len(self.lines) - 1
         return "".join(
             f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(self.lines)

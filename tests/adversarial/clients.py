@@ -12,6 +12,7 @@ import ssl
 from typing import Any
 
 from harness import CLIENT_PASSWORD, CLIENT_USER
+from relayproxy.smtp.reply import Catalogue, Reply
 
 HOSTNAME = "relay.test"
 
@@ -114,7 +115,7 @@ class Client:
 
     def login(self, user: str = CLIENT_USER, password: str = CLIENT_PASSWORD) -> None:
         reply = self.command(auth_plain(user, password))
-        assert reply == b"235 2.7.0 Authentication successful\r\n", reply
+        assert reply == expect(Catalogue.AUTH_OK, b"235 2.7.0"), reply
 
     def envelope(self, sender: bytes = b"app1@example.org", recipients: tuple[bytes, ...] = (b"bob@example.net",)) -> None:
         assert self.command(b"MAIL FROM:<" + sender + b">").startswith(b"250"), "MAIL refused"
@@ -136,3 +137,14 @@ def ready(port: int, *, source: str = "127.0.0.1", tls: ssl.SSLContext | None = 
     c.ehlo()
     c.login()
     return c
+
+
+def expect(entry: Reply, status: bytes) -> bytes:
+    """The bytes a client sees for a Catalogue reply, with its code and enhanced code pinned.
+
+    ``status`` ("503 5.5.1") is what the issue specifies; the text comes from the Catalogue so
+    wording changes do not break the suite, but a changed code or enhanced code does.
+    """
+    full = entry.to_bytes()
+    assert full.startswith(status + b" "), f"Catalogue entry {full!r} no longer has status {status!r}"
+    return full

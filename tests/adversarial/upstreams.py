@@ -27,10 +27,10 @@ from typing import Any, Union
 
 import trustme
 
-from harness import UPSTREAM_USER, free_port  # noqa: F401  (free_port re-exported for tests)
+from harness import UPSTREAM_USER
 
 DROP = "DROP"
-Action = Union[bytes, str, Callable[[Any], None]]
+Action = Union[bytes, str, Callable[[Any], Any]]
 
 EHLO_PLAIN = b"250-scripted.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-8BITMIME\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n"
 """Offers AUTH before TLS too: a proxy that sends credentials in the clear would take the bait."""
@@ -153,7 +153,10 @@ class ScriptedUpstream:
         if action == DROP:
             return False
         if callable(action):
-            action(conn)
+            sent = action(conn)
+            if isinstance(sent, int):
+                with self._lock:
+                    self.sent_flood += sent
             return False
         assert isinstance(action, bytes)
         conn.sendall(action)
@@ -246,18 +249,19 @@ class ScriptedUpstream:
                     in_data = isinstance(action, bytes) and action.startswith(b"354")
 
 
-def flood(total: int, line: bytes = b"250-" + b"x" * 70 + b"\r\n") -> Callable[[Any], None]:
-    """An action that sends ``total`` bytes of ``line`` repeated as fast as it can, until the peer closes."""
+def flood(total: int, line: bytes = b"250-" + b"x" * 70 + b"\r\n") -> Callable[[Any], int]:
+    """An action that sends ``total`` bytes of ``line`` repeated as fast as it can, until the peer
+    closes; it returns how much it sent (recorded as ``sent_flood``)."""
 
-    def run(conn: Any) -> None:
+    def run(conn: Any) -> int:
         chunk = line * (1024 * 1024 // len(line))
         sent = 0
         try:
             while sent < total:
+                sent += len(chunk)  # counted when started: the proxy may close during the first one
                 conn.sendall(chunk)
-                sent += len(chunk)
         except (OSError, ssl.SSLError):
             pass
-        run.sent = sent  # type: ignore[attr-defined]
+        return sent
 
     return run
