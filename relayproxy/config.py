@@ -715,7 +715,7 @@ def _read_oauth(
         "write the provider's token endpoint, such as "
         '"https://login.microsoftonline.com/TENANT/oauth2/v2.0/token"',
         required=True,
-    )
+    ) or ""
     client_id = table.required_string(
         "client_id", "write the client ID of the application registered with the provider"
     )
@@ -773,11 +773,11 @@ def _read_oauth(
     )
 
 
-def _https_url(table: _Table, name: str, fix: str, *, required: bool = False) -> str:
-    """An https URL, or "" when absent or wrong (reported)."""
+def _https_url(table: _Table, name: str, fix: str, *, required: bool = False) -> str | None:
+    """An https URL, or None when absent or wrong (reported)."""
     url = table.string(name, fix, required=required)
     if url is None:
-        return ""
+        return None
     try:
         parts = urllib.parse.urlsplit(url)
         ok = parts.scheme == "https" and bool(parts.hostname) and url.isascii() and not parts.fragment
@@ -786,7 +786,7 @@ def _https_url(table: _Table, name: str, fix: str, *, required: bool = False) ->
     if not ok:
         # Client secrets and tokens cross this connection: only verified TLS will do.
         table.problem(name, f"{json.dumps(url)} is not an https:// URL", fix)
-        return ""
+        return None
     return url
 
 

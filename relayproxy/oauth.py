@@ -28,6 +28,8 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -105,14 +107,14 @@ def _owner_for(path: Path) -> tuple[int, int] | None:
     When root runs ``relayproxy oauth``, the file must still be the daemon's: keep the owner of an
     existing file, or give a new one the owner of its directory (such as /var/lib/relayproxy).
     """
+    if os.geteuid() != 0:
+        return None  # only root can give a file away; anyone else writes their own
     try:
         existing = os.stat(path)
     except FileNotFoundError:
         existing = os.stat(path.parent)
     owner = (existing.st_uid, existing.st_gid)
-    if owner == (os.getuid(), os.getgid()) or os.geteuid() != 0:
-        return None
-    return owner
+    return None if owner == (os.getuid(), os.getgid()) else owner
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,10 @@ class DevicePrompt:
     # The same URI with the code filled in, when the provider offers one.
     verification_uri_complete: str | None
     expires_in: float
+
+
+# The web client's failures that wrap the connection's own (such as the TLS handshake's).
+_FAILED_WITH_REASONS = (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed, RequestGenerationFailed)
 
 
 class _Endpoints:
@@ -153,7 +159,7 @@ class _Endpoints:
         except Exception as e:
             if not timer.active():
                 what = f"no answer within {self._timeout:g} s"
-            elif isinstance(e, ResponseNeverReceived | ResponseFailed):
+            elif isinstance(e, _FAILED_WITH_REASONS):
                 # The reasons of a failed TLS handshake include "certificate verify failed".
                 what = "no answer: " + "; ".join(_clean(r.getErrorMessage()) for r in e.reasons)
             else:
@@ -217,7 +223,7 @@ class _Body(Protocol):
         if self._done.called:
             return
         # PotentialDataLoss: an answer without Content-Length; a cut one fails as JSON anyway.
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):  # type: ignore[no-untyped-call]
             self._done.callback(b"".join(self._parts))
         else:
             self._done.errback(reason)
@@ -232,7 +238,7 @@ def _read_body(response: IResponse) -> defer.Deferred[bytes]:
     """Twisted's readBody cannot close the connection when cancelled (by the timeout); this can."""
     done: defer.Deferred[bytes] = defer.Deferred(lambda _: body.drop())
     body = _Body(done)
-    response.deliverBody(body)
+    response.deliverBody(body)  # type: ignore[no-untyped-call]
     return done
 
 
@@ -460,6 +466,7 @@ async def device_flow(
         if error == "expired_token":
             raise endpoints.error(oauth.token_url, f"expired_token: {expired}")
         raise endpoints.refused(oauth.token_url, status, answer)
+    # Only the refresh token is kept, but an answer without a usable access token is no success.
     _access_token(endpoints, oauth.token_url, answer)
     refresh_token = answer.get("refresh_token")
     if not isinstance(refresh_token, str) or not refresh_token:
