@@ -627,17 +627,24 @@ def _read_upstream(
             "connect_timeout",
             "reply_timeout",
             "data_timeout",
+            "hosts",
+            "envelope_from",
+            "header_from",
         ]
     )
-    host = table.required_string("host", 'write the provider\'s SMTP server, such as "smtp.gmail.com"')
     tls = table.choice("tls", _UPSTREAM_TLS, "starttls")
-    port = table.integer(
-        "port",
-        {"implicit": 465, "starttls": 587, "none": 25}[tls],
-        "write a port number such as 465",
-        low=1,
-        high=65535,
-    )
+    default_port = {"implicit": 465, "starttls": 587, "none": 25}[tls]
+    if "hosts" in table.data:
+        for key in ("host", "port"):
+            if key in table.data:
+                table.problem(key, "set together with hosts", f"list every host in hosts and remove {key}")
+        targets = _read_hosts(table, default_port)
+        host, port = targets[0] if targets else ("", default_port)
+        fallbacks = tuple(targets[1:])
+    else:
+        host = table.required_string("host", 'write the provider\'s SMTP server, such as "smtp.gmail.com"')
+        port = table.integer("port", default_port, "write a port number such as 465", low=1, high=65535)
+        fallbacks = ()
     ca_file = table.path("ca_file", base, "write the path of a PEM file of CA certificates")
     if ca_file is not None:
         table.read_file("ca_file", ca_file, "check the path and that the relayproxy user may read it")
@@ -677,13 +684,14 @@ def _read_upstream(
         oauth = _read_oauth(name, table, base, environ, for_oauth_setup)
         has_credentials = True
     if tls == "none" and host:
-        if not _is_loopback_host(host):
+        remote = [other for other, _ in ((host, port), *fallbacks) if not _is_loopback_host(other)]
+        for other in remote:
             table.problem(
                 "tls",
-                f'"none" is only allowed for a loopback host, not {json.dumps(host)}',
+                f'"none" is only allowed for a loopback host, not {json.dumps(other)}',
                 'use "implicit" or "starttls"',
             )
-        elif has_credentials:
+        if not remote and has_credentials:
             table.problem(
                 "tls",
                 '"none" with credentials configured: relayproxy never sends credentials in the clear',
@@ -703,7 +711,53 @@ def _read_upstream(
         connect_timeout=table.seconds("connect_timeout", UpstreamConfig.connect_timeout),
         reply_timeout=table.seconds("reply_timeout", UpstreamConfig.reply_timeout),
         data_timeout=table.seconds("data_timeout", UpstreamConfig.data_timeout),
+        fallbacks=fallbacks,
+        envelope_from=_read_envelope_from(table),
+        header_from=_read_header_from(table),
     )
+
+
+def _read_hosts(table: _Table, default_port: int) -> list[tuple[str, int]]:
+    fix = 'write a list such as ["smtp1.example.org:465", "smtp2.example.org:465"]'
+    entries = table.string_list("hosts", fix)
+    if not entries and "hosts" in table.data and isinstance(table.data["hosts"], list):
+        table.problem("hosts", "is empty", fix)
+    targets = []
+    for entry in entries:
+        m = _HOST_PORT.match(entry)
+        port_text = m.group("port") if m else None
+        if m is None or (port_text is not None and not 1 <= int(port_text) <= 65535):
+            table.problem("hosts", f"{json.dumps(entry)} is not HOST or HOST:PORT", fix)
+            continue
+        targets.append((m.group("v6") or m.group("host"), int(port_text) if port_text else default_port))
+    return targets
+
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+))(?::(?P<port>\d{1,5}))?$")
+
+
+_ENVELOPE_ADDRESS = re.compile(r"^[^\s<>@]+@[^\s<>@]+$")
+
+
+def _read_envelope_from(table: _Table) -> str | None:
+    value = table.string("envelope_from", 'write the account\'s address, such as "alerts@example.org"')
+    if value is not None and not _ENVELOPE_ADDRESS.match(value):
+        table.problem("envelope_from", f"{json.dumps(value)} is not an address", 'write one such as "alerts@example.org"')
+        return None
+    return value
+
+
+def _read_header_from(table: _Table) -> str | None:
+    value = table.string("header_from", 'write a From such as "Alerts <alerts@example.org>"')
+    # The value goes into the message header as it is: one line of printable ASCII (RFC 5322 2.2).
+    if value is not None and not (value.isascii() and value.isprintable() and "@" in value):
+        table.problem(
+            "header_from",
+            "must be one line of printable ASCII with an address",
+            'write one such as "Alerts <alerts@example.org>" (encode other characters per RFC 2047)',
+        )
+        return None
+    return value
 
 
 def _read_oauth(

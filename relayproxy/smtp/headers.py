@@ -34,9 +34,10 @@ class FromRewriter:
             # No header block at all: the message starts with its body.
             return self._release(b"", self._held)
         end = self._held.find(_END_OF_HEADER)
+        # The same limit whether the end arrived in this chunk or is still to come.
+        if (end if end >= 0 else len(self._held)) > self._max:
+            raise HeaderTooLong()
         if end < 0:
-            if len(self._held) > self._max:
-                raise HeaderTooLong()
             return b""
         return self._release(self._held[: end + 2], self._held[end + 2 :])
 
