@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_passwd(sub)
     _add_oauth(sub)
     _add_demo(sub)
+    _add_explain(sub)
     return parser
 
 
@@ -150,7 +151,7 @@ def _oauth(args: argparse.Namespace) -> int:
         # react always ends by exiting; how the sign-in went is in outcome.
         pass
     if not outcome:
-        print("relayproxy: the sign-in was interrupted; nothing was stored", file=sys.stderr)
+        print("relayproxy: the sign-in did not finish; nothing was stored", file=sys.stderr)
         return 1
     if outcome[0] is not None:
         print(f"relayproxy: {outcome[0]}", file=sys.stderr)
@@ -318,6 +319,93 @@ def _passwd_check(args: argparse.Namespace) -> int:
         return 0
     print(f"the password of {name} does not match", file=sys.stderr)
     return 1
+
+
+def _add_explain(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    explain = sub.add_parser(
+        "explain",
+        help="what an SMTP reply means and what to do about it",
+        description=(
+            "Explain an SMTP reply that relayproxy composes or relays: what it means, when it is "
+            "seen and what to do. Exit status 1 for a code without an entry."
+        ),
+        epilog="examples: relayproxy explain 535 5.7.8; relayproxy explain 354; "
+        "relayproxy explain 535 --host smtp.gmail.com; relayproxy explain '553 5.7.1 Sender address not owned'",
+    )
+    explain.add_argument("code", nargs="?", help="the basic reply code (e.g. 535), or a whole reply line")
+    explain.add_argument("enhanced", nargs="?", help="the enhanced status code (e.g. 5.7.8)")
+    explain.add_argument(
+        "--command",
+        metavar="CMD",
+        help="the command it answered: greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, end-of-data, any",
+    )
+    explain.add_argument(
+        "--host", metavar="UPSTREAM_HOST", help="the upstream's host name, for provider notes (e.g. smtp.gmail.com)"
+    )
+    explain.add_argument("--json", action="store_true", help="print a JSON object (with --list: an array)")
+    explain.add_argument("--list", action="store_true", help="list every entry of the catalogue")
+    explain.add_argument("--language", default="en", help="language of the texts (default: %(default)s)")
+    explain.set_defaults(func=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import re
+    import textwrap
+
+    from relayproxy import explain as catalogue
+
+    def fail(message: str) -> int:
+        print(f"relayproxy explain: {message}", file=sys.stderr)
+        return 1
+
+    try:
+        labels = catalogue.labels(args.language)
+        if args.list:
+            listing = catalogue.entries(args.language)
+            if args.json:
+                print(json.dumps([dataclasses.asdict(e) for e in listing], indent=2))
+            else:
+                for e in listing:
+                    key = " ".join(str(k) for k in (e.code, e.enhanced, e.command) if k is not None)
+                    print(f"{key}: {e.meaning}")
+            return 0
+        if args.code is None:
+            return fail("give a reply code (e.g. relayproxy explain 535 5.7.8), or --list")
+        # Also accepts a pasted reply line: "535-5.7.8 Username and Password not accepted".
+        m = re.match(r"^\s*(\d{3})(?:[ -]+(\d\.\d{1,3}\.\d{1,3}))?(?:[ -].*)?$", args.code)
+        if m is None or not 200 <= int(m.group(1)) <= 599:
+            return fail(f"{args.code!r} is not an SMTP reply code (three digits, 200 to 599)")
+        code = int(m.group(1))
+        enhanced = args.enhanced or m.group(2)
+        command = catalogue.normalize_command(args.command)
+        found = catalogue.explain(code, enhanced, command, args.host, args.language)
+    except ValueError as e:
+        return fail(str(e))
+    if found is None:
+        known = sorted({e.code for e in catalogue.entries(args.language)})
+        return fail(f"no explanation for reply code {code}; known codes: {', '.join(map(str, known))}")
+    if args.json:
+        print(json.dumps(dataclasses.asdict(found), indent=2))
+        return 0
+
+    names = labels.get("commands", {})
+    header = " ".join(str(k) for k in (found.code, found.enhanced) if k)
+    if found.command:
+        header += " " + str(labels["answers"]).format(command=names.get(found.command, found.command))
+    print(header)
+    asked = " ".join(str(k) for k in (code, enhanced) if k)
+    if enhanced and found.enhanced != enhanced:
+        # Entries without a command apply to any command, so only a missing enhanced code is news.
+        print(str(labels["fallback"]).format(requested=asked, code=code))
+    width = 100
+    sections = [(labels["meaning"], found.meaning), (labels["when"], found.when), (labels["fix"], found.fix)]
+    if found.provider_note:
+        sections.append((f"{labels['provider']} ({found.provider})", found.provider_note))
+    for label, body in sections:
+        print(textwrap.fill(f"{label}: {body}", width=width, subsequent_indent="  "))
+    return 0
 
 
 if __name__ == "__main__":
