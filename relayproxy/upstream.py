@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from relayproxy.config import UpstreamConfig
 from relayproxy.errors import UpstreamError
+from relayproxy.oauth import TokenError, TokenSource, xoauth2_initial_response
 from relayproxy.smtp import sasl
 from relayproxy.smtp.reply import MAX_LINE, Catalogue, Reply, ReplyError, ReplyParser
 
@@ -179,6 +180,9 @@ class UpstreamConnector:
             for host, port in ((cfg.host, cfg.port), *cfg.fallbacks)
         ]
         self._ehlo = f"EHLO {cfg.helo_name or self.local_hostname}".encode("ascii")
+        # One token cache per upstream account, shared by every session (and kept across reloads
+        # while the upstream's configuration is unchanged).
+        self._tokens = TokenSource(self.reactor, cfg) if cfg.auth == "xoauth2" else None
         self._factory = Factory.forProtocol(lambda: UpstreamProtocol(self.reactor))
         # One "Starting factory" log line per upstream connection is noise.
         self._factory.noisy = False
@@ -257,8 +261,34 @@ class UpstreamConnector:
             if ehlo.code != 250:
                 raise refused("EHLO after STARTTLS", ehlo, Catalogue.upstream_unreachable(name))
         session.extensions = _extensions(ehlo)
-        if cfg.username is not None and cfg.password is not None:
+        if self._tokens is not None and cfg.username is not None:
+            await self._authenticate_xoauth2(session, cfg.username, self._tokens)
+        elif cfg.username is not None and cfg.password is not None:
             await self._authenticate(session, cfg.username, cfg.password)
+
+    async def _authenticate_xoauth2(self, session: UpstreamSession, username: str, tokens: TokenSource) -> None:
+        proto, cfg = session.protocol, self.config
+        refused = Catalogue.upstream_auth_failed(cfg.name)
+        if "XOAUTH2" not in session.extensions.get("AUTH", "").split():
+            raise UpstreamError(refused, f"upstream does not offer AUTH XOAUTH2 (AUTH {session.extensions.get('AUTH') or 'absent'})")
+        for attempt in (1, 2):
+            try:
+                token = await tokens.token()
+            except TokenError as e:
+                raise UpstreamError(Catalogue.upstream_token_failed(cfg.name), e.detail) from None
+            # Sent after the 334, not on the AUTH line: a long token would pass 512 octets.
+            reply = await proto.command(b"AUTH XOAUTH2", cfg.reply_timeout)
+            if reply.code == 334:
+                reply = await proto.command(xoauth2_initial_response(username, token).encode("ascii"), cfg.reply_timeout)
+            if reply.code == 334:
+                # RFC 7628 3.2.3: the server's error comes as a challenge; an empty line ends it.
+                reply = await proto.command(b"", cfg.reply_timeout)
+            if reply.code == 235:
+                return
+            tokens.invalidate(token)
+            if attempt == 2 or reply.is_temporary:
+                break
+        raise UpstreamError(refused, f"upstream refused the access token for {username}: {reply}", failover=reply.is_temporary)
 
     async def _authenticate(self, session: UpstreamSession, username: str, password: str) -> None:
         proto, cfg = session.protocol, self.config

@@ -111,6 +111,20 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2 as Gmail and Exchange Online take it: a bearer token for a mailbox."""
+        self.smarthost.auth_attempts.append("XOAUTH2")
+        response = await server.challenge_auth("", encode_to_b64=False)
+        if not isinstance(response, bytes):
+            return AuthResult(success=False, handled=False)
+        fields = dict(f.split("=", 1) for f in response.decode().split("\x01") if "=" in f)
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        if fields.get("user") == UPSTREAM_USER and token in self.smarthost.bearer_tokens:
+            return AuthResult(success=True)
+        # RFC 7628 3.2.2: the error as a challenge; the client answers with an empty line.
+        await server.challenge_auth(b'{"status":"401","schemes":"bearer"}')
+        return AuthResult(success=False, handled=False)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.smarthost.data_reply:
             return self.smarthost.data_reply
@@ -132,6 +146,7 @@ class Smarthost:
     mail_reply: str | None = None
     data_reply: str | None = None
     auth_attempts: list[str] = field(default_factory=list)
+    bearer_tokens: set[str] = field(default_factory=set)
     port: int = 0
 
     def start(self) -> Smarthost:

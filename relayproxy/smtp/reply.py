@@ -241,5 +241,9 @@ class Catalogue:
         return composed(454, "4.7.0", f"TLS with upstream {name} failed, try again later")
 
     @staticmethod
+    def upstream_token_failed(name: str) -> Reply:
+        return composed(454, "4.7.0", f"Upstream {name} sign-in token unavailable, try again later")
+
+    @staticmethod
     def upstream_auth_failed(name: str) -> Reply:
         return composed(454, "4.7.0", f"Upstream {name} refused the relay's credentials, try again later")

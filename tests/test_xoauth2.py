@@ -1,0 +1,102 @@
+"""SASL XOAUTH2 upstreams end to end: a local token endpoint (twisted.web, TLS) and aiosmtpd checking the token."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ProxyFactory, SmarthostFactory
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, UPSTREAM_USER, Proxy, Smarthost
+from test_oauth import REFRESH_TOKEN, Provider, provider, token_answer  # noqa: F401  (fixture)
+from twisted.logger import globalLogPublisher, formatEvent
+
+CLIENT_SECRET = "client-secret-for-xoauth2"
+
+
+def xoauth2_upstream(smarthost: Smarthost, pki: PKI, provider: Provider, directory: Path) -> str:
+    (directory / "client-secret").write_text(CLIENT_SECRET + "\n")
+    (directory / "refresh-token").write_text(REFRESH_TOKEN + "\n")
+    return f"""
+[upstream.default]
+host = "localhost"
+port = {smarthost.port}
+tls = "starttls"
+ca_file = "{pki.ca_path}"
+auth = "xoauth2"
+username = "{UPSTREAM_USER}"
+token_url = "{provider.url('/token')}"
+token_ca_file = "{pki.ca_path}"
+client_id = "relay-client"
+client_secret_file = "{directory / 'client-secret'}"
+refresh_token_file = "{directory / 'refresh-token'}"
+scope = "https://outlook.office365.com/.default"
+"""
+
+
+def send(proxy: Proxy, pki: PKI) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", proxy.port, timeout=20) as smtp:
+        smtp.starttls(context=pki.client_context())
+        smtp.login(CLIENT_USER, CLIENT_PASSWORD)
+        code, text = smtp.mail("app1@example.org")
+        if code != 250:
+            return code, text
+        smtp.rcpt("bob@example.net")
+        return smtp.data(b"Subject: via xoauth2\r\n\r\nhi\r\n")
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)
+
+
+def test_token_from_the_endpoint_is_used_and_cached(
+    make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI, provider: Provider, tmp_path: Path
+) -> None:
+    smarthost = make_smarthost(bearer_tokens={"access-1"})
+    provider.answers["/token"] = [token_answer("access-1")]
+    proxy = make_proxy(xoauth2_upstream(smarthost, pki, provider, tmp_path))
+    assert send(proxy, pki) == (250, b"2.0.0 Ok: queued as TEST1")
+    assert send(proxy, pki) == (250, b"2.0.0 Ok: queued as TEST1")
+    assert len(smarthost.received) == 2
+    assert smarthost.auth_attempts == ["XOAUTH2", "XOAUTH2"]
+    [form] = provider.forms()
+    assert form == {
+        "grant_type": "refresh_token", "refresh_token": REFRESH_TOKEN, "client_id": "relay-client",
+        "client_secret": CLIENT_SECRET, "scope": "https://outlook.office365.com/.default",
+    }
+
+
+def test_refused_token_is_refreshed_once(
+    make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI, provider: Provider, tmp_path: Path
+) -> None:
+    smarthost = make_smarthost(bearer_tokens={"access-2"})
+    provider.answers["/token"] = [token_answer("revoked-1"), token_answer("access-2")]
+    proxy = make_proxy(xoauth2_upstream(smarthost, pki, provider, tmp_path))
+    assert send(proxy, pki) == (250, b"2.0.0 Ok: queued as TEST1")
+    assert len(provider.forms()) == 2
+
+
+def test_failed_refresh_gives_454_and_one_clear_log_line(
+    make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI, provider: Provider, tmp_path: Path,
+    log_lines: list[str],
+) -> None:
+    smarthost = make_smarthost(bearer_tokens={"access-1"})
+    provider.answers["/token"] = [(400, {"error": "invalid_grant", "error_description": "AADSTS70000 token revoked"})]
+    proxy = make_proxy(xoauth2_upstream(smarthost, pki, provider, tmp_path))
+    assert send(proxy, pki) == (454, b"4.7.0 Upstream default sign-in token unavailable, try again later")
+    assert smarthost.received == [] and smarthost.auth_attempts == []
+    failures = [line for line in log_lines if "upstream failure" in line]
+    assert len(failures) == 1
+    assert "default" in failures[0] and "invalid_grant" in failures[0] and "AADSTS70000" in failures[0]
+    for line in log_lines:
+        assert CLIENT_SECRET not in line and REFRESH_TOKEN not in line
