@@ -128,6 +128,10 @@ class UserConfig:
         return False
 
 
+LogFormat = Literal["text", "json"]
+_LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     command_timeout: float = 300.0
@@ -156,6 +160,7 @@ class Config:
     upstreams: dict[str, UpstreamConfig]
     users: dict[str, UserConfig]
     limits: LimitsConfig = LimitsConfig()
+    log_format: LogFormat = "text"
 
     def user(self, name: str) -> UserConfig:
         """The configuration of user ``name``; users without a section use the defaults."""
@@ -187,7 +192,7 @@ def load_config(
     # daemon happens to be started; absolute so a later chdir cannot change them.
     base = path.absolute().parent
     top = _Table(report, "", data)
-    top.check_known(["server", "tls", "listener", "auth", "upstream", "users", "limits"])
+    top.check_known(["server", "tls", "listener", "auth", "upstream", "users", "limits", "log"])
 
     server = _read_server(top.table("server"))
     listeners = _read_listeners(top)
@@ -196,6 +201,9 @@ def load_config(
     upstreams = _read_upstreams(top, base, os.environ if environ is None else environ, for_oauth_setup)
     users = _read_users(top, upstreams, user_names)
     limits = _read_limits(top.table("limits"))
+    log_table = top.table("log")
+    log_table.check_known(["format"])
+    log_format = log_table.choice("format", _LOG_FORMATS, "text")
 
     if report.problems:
         raise ConfigError(report.problems)
@@ -208,6 +216,7 @@ def load_config(
         upstreams=upstreams,
         users=users,
         limits=limits,
+        log_format=log_format,
     )
 
 

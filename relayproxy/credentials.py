@@ -20,8 +20,9 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
+
+from relayproxy.logs import EventLog
 
 if TYPE_CHECKING:
     # Only for annotations: the config module imports this one at run time.
@@ -38,7 +39,7 @@ _BCRYPT_MAX_BYTES = 72
 _BCRYPT_HASH = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 DEFAULT_ROUNDS = 12
 
-_log = Logger()
+_log = EventLog("relayproxy.credentials")
 
 
 class UsersFileError(ValueError):
@@ -264,11 +265,7 @@ class RelayRealm:
         if upstream is None:
             # Possible for a user added to the users file after the configuration
             # was checked, when there is no default upstream.
-            _log.error(
-                "User {user} has no [users.{user}] section and there is no upstream {upstream}",
-                user=name,
-                upstream=user_config.upstream,
-            )
+            _log.error("user routed nowhere", user=name, upstream=user_config.upstream, fix=f"add [users.{name}] or [upstream.{user_config.upstream}]")
             raise UnauthorizedLogin("user has no upstream")
         return IRelayUser, RelayUser(name, user_config, upstream), lambda: None
 

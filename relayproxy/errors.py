@@ -35,8 +35,14 @@ class UpstreamError(RelayProxyError):
     says another host of the same upstream may succeed where this one failed.
     """
 
-    def __init__(self, reply: Reply, detail: str, failover: bool = False) -> None:
+    def __init__(
+        self, reply: Reply, detail: str, failover: bool = False, *, step: str = "connect", upstream_reply: Reply | None = None
+    ) -> None:
         super().__init__(detail)
         self.reply = reply
         self.detail = detail
         self.failover = failover
+        self.step = step
+        """What we were doing: connect, greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, end-of-data."""
+        self.upstream_reply = upstream_reply
+        """The upstream's own reply when it refused something, for the operator's hint."""

@@ -22,6 +22,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, Literal
 
+from relayproxy.errors import UpstreamError
 from relayproxy.smtp.reply import Reply
 
 __all__ = [
@@ -451,3 +452,15 @@ def _list(allowed: tuple[str, ...], templates: Mapping[str, Any], shown: int = 3
 def _clip(line: str) -> str:
     line = " ".join(line.split())
     return line if len(line) <= MAX_HINT else line[: MAX_HINT - 3].rstrip() + "..."
+
+
+def upstream_failure_hint(error: UpstreamError, upstream_name: str, upstream_host: str | None) -> str:
+    """The hint for a failed upstream step: the upstream's own reply when it refused something
+    (so a 535 there blames the proxy's credentials, not the client), else what the client was told."""
+    if error.upstream_reply is not None:
+        code, enhanced = codes_of(error.upstream_reply)
+        side: Literal["client", "upstream"] = "upstream"
+    else:
+        code, enhanced = codes_of(error.reply)
+        side = "client"
+    return hint(code, enhanced, side=side, command=error.step, upstream_name=upstream_name, upstream_host=upstream_host)

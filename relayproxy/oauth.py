@@ -22,7 +22,6 @@ from urllib.parse import urlencode
 from twisted.internet import defer, ssl, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
@@ -40,8 +39,9 @@ from twisted.web.iweb import IResponse
 
 from relayproxy.config import OAuthConfig, UpstreamConfig
 from relayproxy.errors import RelayProxyError
+from relayproxy.logs import EventLog
 
-log = Logger()
+log = EventLog("relayproxy.oauth")
 
 HTTP_TIMEOUT = 30.0
 """Seconds for one request to a token endpoint, from connecting to the last byte of the answer."""
@@ -363,7 +363,7 @@ class TokenSource:
             raise self._endpoints.refused(url, status, answer, hint)
         token, lifetime = _access_token(self._endpoints, url, answer)
         self._access, self._expires_at = token, started + lifetime
-        log.info("upstream {upstream}: new access token, valid for {lifetime:.0f} s", upstream=self._name, lifetime=lifetime)
+        log.info("new access token", upstream=self._name, valid_seconds=round(lifetime))
         rotated = answer.get("refresh_token")
         if refresh_token is not None and isinstance(rotated, str) and rotated and rotated != refresh_token:
             self._store_rotated(rotated)
@@ -392,14 +392,9 @@ class TokenSource:
         except OSError as e:
             # The access token just issued is good; providers that rotate (Microsoft) keep the
             # old refresh token valid for a while, so carry on and let the next refresh retry.
-            log.error(
-                "upstream {upstream}: cannot store the rotated refresh token in {path}: {reason}",
-                upstream=self._name,
-                path=str(path),
-                reason=e.strerror,
-            )
+            log.error("cannot store the rotated refresh token", upstream=self._name, path=str(path), reason=e.strerror)
             return
-        log.info("upstream {upstream}: stored the rotated refresh token in {path}", upstream=self._name, path=str(path))
+        log.info("stored the rotated refresh token", upstream=self._name, path=str(path))
 
 
 async def device_flow(

@@ -7,6 +7,7 @@ PIPELINING (RFC 2920) whatever the upstream's delays, and STARTTLS can drop what
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +19,14 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
 from relayproxy.credentials import IRelayUser, RelayUser
 from relayproxy.errors import ProtocolError, UpstreamError
+from relayproxy.explain import codes_of, hint, upstream_failure_hint
+from relayproxy.logs import EventLog
 from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.smtp import sasl
 from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
@@ -33,7 +35,7 @@ from relayproxy.smtp.headers import FromRewriter, HeaderTooLong
 from relayproxy.smtp.reply import Catalogue, Reply, composed
 from relayproxy.upstream import UpstreamConnector, UpstreamSession
 
-log = Logger()
+log = EventLog("relayproxy.server")
 
 _PAUSE_PIPELINE_AT = 64 * 1024
 """Pipelined bytes we hold while a command waits for the upstream, before we stop reading."""
@@ -44,6 +46,8 @@ _FAULT_REPLIES = {
     BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
     BodyFault.NUL: Catalogue.BODY_NUL,
 }
+_HINT_COMMANDS = frozenset({"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "QUIT", "RSET", "NOOP", "VRFY", "HELP"})
+
 _CLOSE_GRACE = 5.0
 """Seconds a closing connection may take to say goodbye before it is aborted."""
 
@@ -73,6 +77,8 @@ class ServerSettings:
 @dataclass
 class _Envelope:
     sender: str
+    started: float
+    refused: int = 0
     recipients: int = 0
     attempted: int = 0
     failed: Reply | None = None
@@ -147,6 +153,9 @@ class SMTPServerProtocol(Protocol):
         self._upstream: UpstreamSession | None = None
         self.peer = "unknown"
         self._greeted_client = False
+        self.session_id = secrets.token_hex(4)
+        self._verb = "-"
+        self._refused_sender: str | None = None
         self._draining = False
         self._awaiting_verdict = False
 
@@ -161,7 +170,7 @@ class SMTPServerProtocol(Protocol):
         if no_delay is not None:
             no_delay(True)
         if not self.s.connections.open(self.peer):
-            log.warn("connection refused client={client} reason=too many connections", client=self.peer)
+            log.warn("connection refused", session=self.session_id, client=self.peer, reason="too many connections")
             self._reply(Catalogue.too_many_connections(self._hostname))
             self._close()
             return
@@ -183,7 +192,7 @@ class SMTPServerProtocol(Protocol):
         if self._closed:
             return
         if not self._greeted_client:
-            log.warn("early talker client={client}", client=self.peer)
+            log.warn("early talker", session=self.session_id, client=self.peer)
             self._reply(Catalogue.EARLY_TALKER)
             self._close()
             return
@@ -277,7 +286,7 @@ class SMTPServerProtocol(Protocol):
             return
         self._invalid_commands += 1
         if self._invalid_commands >= self.s.limits.max_invalid_commands:
-            log.warn("too many invalid commands client={client}", client=self.peer)
+            log.warn("too many invalid commands", session=self.session_id, client=self.peer, user=self._username)
             self._reply(Catalogue.TOO_MANY_ERRORS)
             self._drop_upstream(in_data=False)
             self._close()
@@ -327,9 +336,10 @@ class SMTPServerProtocol(Protocol):
             self._invalid_commands = 0
         except ProtocolError as e:
             self._reply(e.reply)
+            self._log_refusal(e.reply)
             self._count_invalid(e.reply)
         except UpstreamError as e:
-            log.warn("upstream failure client={client} user={user} detail={detail}", client=self.peer, user=self._username, detail=e.detail)
+            self._log_upstream_failure(e)
             self._upstream_failed()
             self._reply(e.reply)
         except _SessionOver as e:
@@ -339,7 +349,7 @@ class SMTPServerProtocol(Protocol):
         except ConnectionError:
             pass
         except Exception:
-            log.failure("internal error client={client}", client=self.peer)
+            log.failure("internal error", session=self.session_id, client=self.peer, user=self._username)
             self._reply(Catalogue.local_error(self._hostname))
             self._drop_upstream(in_data=self._decoder is not None)
             self._close()
@@ -382,7 +392,11 @@ class SMTPServerProtocol(Protocol):
         self._timer = None
 
     def _timed_out(self) -> None:
-        log.info("timeout client={client} user={user} in_data={in_data}", client=self.peer, user=self._username, in_data=self._decoder is not None)
+        situation = "data-timeout" if self._decoder is not None else "command-timeout"
+        log.info(
+            "timeout", session=self.session_id, client=self.peer, user=self._username, situation=situation,
+            hint=hint(421, "4.4.2", side="client", command="DATA" if self._decoder else "any", situation=situation),
+        )
         self._reply(Catalogue.timeout(self._hostname))
         self._drop_upstream(in_data=self._decoder is not None)
         self._close()
@@ -406,6 +420,7 @@ class SMTPServerProtocol(Protocol):
     # -- commands -----------------------------------------------------------------------------
 
     async def _command(self, line: bytes) -> None:
+        self._verb = line.split(b" ", 1)[0][:16].upper().decode("ascii", "replace")
         # Open-relay probes (source routes, bang paths, user@a@b) learn nothing but "log in first":
         # the address is not even parsed for a client that has not authenticated.
         if self._user is None and line.split(b" ", 1)[0].upper() in (b"MAIL", b"RCPT") and b"\r" not in line and b"\n" not in line:
@@ -523,7 +538,7 @@ class SMTPServerProtocol(Protocol):
         # Refused before bcrypt runs: a guesser must not cost us a thread per attempt.
         wait = self.s.throttle.blocked_for(self.peer, username)
         if wait > 0:
-            log.warn("auth throttled client={client} user={user!r} seconds={wait:.0f}", client=self.peer, user=username or "-", wait=wait)
+            log.warn("auth throttled", client=self.peer, user=username or "-", seconds=round(wait), session=self.session_id)
             raise ProtocolError(Catalogue.AUTH_TEMPORARY)
 
     async def _login(self, credentials: sasl.Credentials) -> None:
@@ -534,20 +549,22 @@ class SMTPServerProtocol(Protocol):
         except UnauthorizedLogin:
             self._auth_failed(credentials.username, "bad credentials")
         except Exception:
-            log.failure("authentication backend failed client={client}", client=self.peer)
+            log.failure("authentication backend failed", session=self.session_id, client=self.peer)
             raise ProtocolError(Catalogue.AUTH_TEMPORARY) from None
         assert isinstance(avatar, RelayUser)
         self._user = avatar
-        log.info("auth ok client={client} user={user}", client=self.peer, user=credentials.username)
+        log.info("auth ok", client=self.peer, user=credentials.username, session=self.session_id)
         self._reply(Catalogue.AUTH_OK)
 
     def _auth_failed(self, username: str, reason: str) -> None:
         """Count and log a failure, then raise the client's reply."""
         self._auth_failures += 1
         self.s.throttle.failed(self.peer, username)
-        # One line per failure, stable for fail2ban; the username is quoted with repr so a hostile
-        # name cannot forge another log field.
-        log.warn("auth failed client={client} user={user!r} reason={reason}", client=self.peer, user=username, reason=reason)
+        # One line per failure, stable for fail2ban: the client address comes first.
+        log.warn(
+            "auth failed", client=self.peer, user=username, reason=reason, session=self.session_id,
+            hint=hint(535, "5.7.8", side="client", command="AUTH", user=username),
+        )
         if self._auth_failures >= self.s.limits.max_auth_failures_per_session:
             self._reply(Catalogue.AUTH_INVALID)
             raise _SessionOver(Catalogue.TOO_MANY_AUTH_FAILURES)
@@ -562,7 +579,7 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.NESTED_MAIL)
         upstream_params = self._mail_parameters(command)
         if not self._user.config.may_send(command.address):
-            log.info("sender refused client={client} user={user} sender={sender}", client=self.peer, user=self._user.name, sender=command.address)
+            self._refused_sender = command.address
             raise ProtocolError(Catalogue.sender_not_owned(self._user.name))
         reused = self._upstream is not None and self._upstream.usable
         upstream = await self._upstream_session()
@@ -573,12 +590,12 @@ class SMTPServerProtocol(Protocol):
                 raise
             # A kept session may have been closed by the upstream while idle (its own timeout);
             # MAIL changes nothing there, so one retry on a fresh session is safe.
-            log.info("kept upstream session failed, reconnecting detail={detail}", detail=e.detail)
+            log.info("kept upstream session failed, reconnecting", session=self.session_id, detail=e.detail)
             self._upstream = None
             upstream = await self._upstream_session()
             reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
         if reply.is_positive:
-            self._envelope = _Envelope(command.address)
+            self._envelope = _Envelope(command.address, self.s.clock.seconds())
             upstream.in_transaction = True
         self._reply(reply)
 
@@ -635,6 +652,8 @@ class SMTPServerProtocol(Protocol):
         reply = await self._upstream.command(f"RCPT TO:<{command.address}>".encode("ascii"))
         if reply.is_positive:
             envelope.recipients += 1
+        else:
+            envelope.refused += 1
         self._reply(reply)
 
     async def _smtp_DATA(self, command: Command) -> None:
@@ -691,25 +710,62 @@ class SMTPServerProtocol(Protocol):
         self._envelope = None
         fault = decoder.fault
         if fault is not None:
-            log.info("message refused client={client} user={user} reason={reason}", client=self.peer, user=self._username, reason=fault.value)
             self._upstream = None
+            self._log_message(envelope, decoder, _FAULT_REPLIES[fault], "refused", reason=fault.value)
             raise ProtocolError(_FAULT_REPLIES[fault])
         if upstream is None or not upstream.usable:
             self._upstream = None
+            self._log_message(envelope, decoder, Catalogue.UPSTREAM_LOST, "failed")
             raise ProtocolError(Catalogue.UPSTREAM_LOST)
         upstream.in_transaction = False
         self._awaiting_verdict = True
         try:
             reply = await upstream.end_data(last)
+        except UpstreamError as e:
+            self._log_message(envelope, decoder, e.reply, "failed")
+            raise
         finally:
             self._awaiting_verdict = False
-        log.info(
-            "relayed client={client} user={user} upstream={upstream} from=<{sender}> rcpts={rcpts} size={size} reply={reply}",
-            client=self.peer, user=self._username, upstream=upstream.config.name,
-            sender=envelope.sender if envelope else "", rcpts=envelope.recipients if envelope else 0,
-            size=decoder.size, reply=str(reply),
-        )
+        self._log_message(envelope, decoder, reply, "relayed" if reply.is_positive else "refused by upstream")
         self._reply(reply)
+
+    def _log_message(self, envelope: _Envelope | None, decoder: BodyDecoder, reply: Reply, outcome: str, **extra: object) -> None:
+        """The one line per transaction: who sent what where, and what became of it."""
+        fields: dict[str, object] = {
+            "session": self.session_id, "client": self.peer, "user": self._username,
+            "upstream": self._user.upstream.name if self._user else "-",
+            "from": f"<{envelope.sender}>" if envelope else "-",
+            "rcpts": envelope.recipients if envelope else 0, "refused": envelope.refused if envelope else 0,
+            "size": decoder.size, "outcome": outcome, "reply": str(reply),
+            "duration": round(self.s.clock.seconds() - envelope.started, 3) if envelope else 0,
+            **extra,
+        }
+        if not reply.is_positive:
+            code, enhanced = codes_of(reply)
+            fields["hint"] = hint(code, enhanced, side="upstream" if outcome == "refused by upstream" else "client", command="end-of-data")
+        log.info("message", **fields)
+
+    def _log_refusal(self, reply: Reply) -> None:
+        if reply.code == 535 or self._verb == "AUTH" and reply.code == 454:
+            return  # logged as "auth failed" / "auth throttled", the lines fail2ban reads
+        sender, self._refused_sender = self._refused_sender, None
+        log.info(
+            "refused", session=self.session_id, client=self.peer, user=self._username, command=self._verb,
+            reply=str(reply),
+            hint=hint(
+                reply.code, reply.enhanced, side="client", command=self._verb if self._verb in _HINT_COMMANDS else "any",
+                sender=sender, user=self._username,
+                allowed_senders=self._user.config.allowed_senders if self._user else (),
+            ),
+        )
+
+    def _log_upstream_failure(self, error: UpstreamError) -> None:
+        upstream = self._user.upstream if self._user else None
+        log.warn(
+            "upstream failure", session=self.session_id, client=self.peer, user=self._username,
+            upstream=upstream.name if upstream else "-", step=error.step, detail=error.detail,
+            hint=upstream_failure_hint(error, upstream.name if upstream else "-", upstream.host if upstream else None),
+        )
 
     async def _reset_transaction(self) -> None:
         self._envelope = None

@@ -17,7 +17,8 @@ from OpenSSL import SSL
 from twisted.cred.portal import Portal
 from twisted.internet import defer, ssl, threads
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
-from twisted.logger import Logger
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -25,11 +26,12 @@ from relayproxy.config import Config, ListenerConfig, TLSConfig, load_config
 from relayproxy.credentials import make_portal
 from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, ConnectionCounter
+from relayproxy.logs import EventLog, JSONLinesObserver
 from relayproxy.server import ServerSettings, SMTPServerFactory
 from relayproxy.upstream import UpstreamConnector
 from zope.interface import implementer
 
-log = Logger()
+log = EventLog("relayproxy.tap")
 
 DEFAULT_CONFIG = "/etc/relayproxy/relayproxy.toml"
 
@@ -154,6 +156,12 @@ class RelayService(MultiService):
             for session in list(factory.sessions):
                 session.force_close()
 
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd asks the application for an ILogObserver before its own text log.
+        if self.config.log_format == "json" and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, JSONLinesObserver())  # type: ignore[no-untyped-call]
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+
     def reload_on_sighup(self) -> None:
         """Python runs signal handlers between bytecodes; the reload itself runs in the reactor."""
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
@@ -165,12 +173,14 @@ class RelayService(MultiService):
             tls = server_tls_options(new.tls) if new.tls.certificate else None
         except ConfigError as e:
             for problem in e.problems:
-                log.error("reload refused: {problem}", problem=problem)
-            log.error("reload failed: keeping the running configuration")
+                log.error("reload refused", problem=problem)
+            log.error("reload failed, keeping the running configuration", path=str(self.config.path))
             return False
         if new.listeners != self.config.listeners:
             log.warn("reload: [[listener]] changes take effect only after a restart")
             new = replace(new, listeners=self.config.listeners)
+        if new.log_format != self.config.log_format:
+            log.warn("reload: [log] format changes take effect only after a restart")
         if tls is not None and self._tls is not None:
             self._tls.current = tls
         self._throttle.update(new.limits)
@@ -179,7 +189,7 @@ class RelayService(MultiService):
         for factory, listener in zip(self._factories, new.listeners):
             factory.settings = self._settings(new, listener, shared)
         self.config = new
-        log.info("reload: configuration applied from {path}", path=str(new.path))
+        log.info("reload: configuration applied", path=str(new.path))
         return True
 
 

@@ -18,16 +18,16 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relayproxy.config import UpstreamConfig
 from relayproxy.errors import UpstreamError
+from relayproxy.logs import EventLog
 from relayproxy.oauth import TokenError, TokenSource, xoauth2_initial_response
 from relayproxy.smtp import sasl
 from relayproxy.smtp.reply import MAX_LINE, Catalogue, Reply, ReplyError, ReplyParser
 
-log = Logger()
+log = EventLog("relayproxy.upstream")
 
 
 class _Lost(Exception):
@@ -203,10 +203,7 @@ class UpstreamConnector:
                     raise
                 failure = e
                 if index + 1 < len(self._targets):
-                    log.warn(
-                        "upstream {name} host {host}:{port} failed, trying the next host: {detail}",
-                        name=self.config.name, host=target.host, port=target.port, detail=e.detail,
-                    )
+                    log.warn("upstream host failed, trying the next", upstream=self.config.name, host=f"{target.host}:{target.port}", detail=e.detail)
         assert failure is not None
         raise failure
 
@@ -230,7 +227,10 @@ class UpstreamConnector:
         except _Lost as e:
             proto.abort()
             if e.reason.check(SSL.Error, VerificationError):  # type: ignore[no-untyped-call]
-                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"TLS with {where} failed: {_ssl_reason(e.reason)}", failover=True) from None
+                raise UpstreamError(
+                    Catalogue.upstream_tls_failed(name), f"TLS with {where} failed: {_ssl_reason(e.reason)}",
+                    failover=True, step="STARTTLS",
+                ) from None
             raise UpstreamError(Catalogue.upstream_unreachable(name), f"{where}: connection lost during setup: {e}", failover=True) from None
         except (_Timeout, _Desync, ReplyError) as e:
             proto.abort()
@@ -241,7 +241,10 @@ class UpstreamConnector:
         cfg, proto, name = self.config, session.protocol, self.config.name
 
         def refused(step: str, reply: Reply, why: Reply) -> UpstreamError:
-            return UpstreamError(why, f"{target.host}:{target.port}: {step} refused: {reply}", failover=reply.is_temporary)
+            return UpstreamError(
+                why, f"{target.host}:{target.port}: {step} refused: {reply}", failover=reply.is_temporary,
+                step=step.split()[0], upstream_reply=reply,
+            )
 
         greeting = await proto.read_reply(cfg.reply_timeout)
         if greeting.code != 220:
@@ -252,7 +255,10 @@ class UpstreamConnector:
         if cfg.tls == "starttls":
             if "STARTTLS" not in _extensions(ehlo):
                 # Also what a downgrade attack looks like: never continue in plaintext.
-                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"{target.host}:{target.port} does not offer STARTTLS", failover=True)
+                raise UpstreamError(
+                    Catalogue.upstream_tls_failed(name), f"{target.host}:{target.port} does not offer STARTTLS",
+                    failover=True, step="STARTTLS",
+                )
             ready = await proto.command(b"STARTTLS", cfg.reply_timeout)
             if ready.code != 220:
                 raise refused("STARTTLS", ready, Catalogue.upstream_tls_failed(name))
@@ -270,12 +276,12 @@ class UpstreamConnector:
         proto, cfg = session.protocol, self.config
         refused = Catalogue.upstream_auth_failed(cfg.name)
         if "XOAUTH2" not in session.extensions.get("AUTH", "").split():
-            raise UpstreamError(refused, f"upstream does not offer AUTH XOAUTH2 (AUTH {session.extensions.get('AUTH') or 'absent'})")
+            raise UpstreamError(refused, f"upstream does not offer AUTH XOAUTH2 (AUTH {session.extensions.get('AUTH') or 'absent'})", step="AUTH")
         for attempt in (1, 2):
             try:
                 token = await tokens.token()
             except TokenError as e:
-                raise UpstreamError(Catalogue.upstream_token_failed(cfg.name), e.detail) from None
+                raise UpstreamError(Catalogue.upstream_token_failed(cfg.name), e.detail, step="AUTH") from None
             # Sent after the 334, not on the AUTH line: a long token would pass 512 octets.
             reply = await proto.command(b"AUTH XOAUTH2", cfg.reply_timeout)
             if reply.code == 334:
@@ -288,7 +294,10 @@ class UpstreamConnector:
             tokens.invalidate(token)
             if attempt == 2 or reply.is_temporary:
                 break
-        raise UpstreamError(refused, f"upstream refused the access token for {username}: {reply}", failover=reply.is_temporary)
+        raise UpstreamError(
+            refused, f"upstream refused the access token for {username}: {reply}", failover=reply.is_temporary,
+            step="AUTH", upstream_reply=reply,
+        )
 
     async def _authenticate(self, session: UpstreamSession, username: str, password: str) -> None:
         proto, cfg = session.protocol, self.config
@@ -304,9 +313,12 @@ class UpstreamConnector:
                     break
                 reply = await proto.command(sasl.encode(secret).encode(), cfg.reply_timeout)
         else:
-            raise UpstreamError(refused, f"upstream offers no PLAIN or LOGIN (AUTH {' '.join(mechanisms) or 'absent'})")
+            raise UpstreamError(refused, f"upstream offers no PLAIN or LOGIN (AUTH {' '.join(mechanisms) or 'absent'})", step="AUTH")
         if reply.code != 235:
-            raise UpstreamError(refused, f"upstream refused the credentials for {username}: {reply}", failover=reply.is_temporary)
+            raise UpstreamError(
+                refused, f"upstream refused the credentials for {username}: {reply}", failover=reply.is_temporary,
+                step="AUTH", upstream_reply=reply,
+            )
 
 
 def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
@@ -332,23 +344,27 @@ class UpstreamSession:
     def usable(self) -> bool:
         return not self.broken and self.protocol.idle
 
-    async def _guard(self, step: Callable[[], Any]) -> Reply:
+    async def _guard(self, step: str, exchange: Callable[[], Any]) -> Reply:
+        name = self.config.name
         try:
-            result: Reply = await step()
+            result: Reply = await exchange()
             return result
         except _Lost as e:
             self.broken = True
-            raise UpstreamError(Catalogue.UPSTREAM_LOST, f"upstream {self.config.name}: connection lost: {e}") from None
+            raise UpstreamError(Catalogue.UPSTREAM_LOST, f"upstream {name}: connection lost at {step}: {e}", step=step) from None
         except _Timeout:
             self.broken = True
-            raise UpstreamError(Catalogue.UPSTREAM_TIMEOUT, f"upstream {self.config.name}: timed out") from None
+            raise UpstreamError(Catalogue.UPSTREAM_TIMEOUT, f"upstream {name}: timed out at {step}", step=step) from None
         except (_Desync, ReplyError) as e:
             self.broken = True
             self.protocol.abort()
-            raise UpstreamError(Catalogue.UPSTREAM_BAD_REPLY, f"upstream {self.config.name}: invalid reply: {type(e).__name__} {e}") from None
+            raise UpstreamError(
+                Catalogue.UPSTREAM_BAD_REPLY, f"upstream {name}: invalid reply at {step}: {type(e).__name__} {e}", step=step
+            ) from None
 
     async def command(self, line: bytes, timeout: float | None = None) -> Reply:
-        return await self._guard(lambda: self.protocol.command(line, timeout or self.config.reply_timeout))
+        verb = line.split(b" ", 1)[0].decode("ascii", "replace")
+        return await self._guard(verb, lambda: self.protocol.command(line, timeout or self.config.reply_timeout))
 
     def supports(self, extension: str) -> bool:
         return extension in self.extensions
@@ -367,7 +383,7 @@ class UpstreamSession:
         # The last body bytes and the dot go in one write: one segment, no delayed-ACK stall.
         self.unregister_producer()
         self.protocol.write(last + b".\r\n")
-        return await self._guard(lambda: self.protocol.read_reply(self.config.data_timeout))
+        return await self._guard("end-of-data", lambda: self.protocol.read_reply(self.config.data_timeout))
 
     def abort(self) -> None:
         self.broken = True

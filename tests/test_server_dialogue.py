@@ -51,7 +51,7 @@ def log_events() -> Iterator[list[dict[str, object]]]:
 
 
 def auth_failure_events(events: list[dict[str, object]]) -> list[dict[str, object]]:
-    return [ev for ev in events if str(ev.get("log_format", "")).startswith("auth failed")]
+    return [ev for ev in events if ev.get("relayproxy_event") == "auth failed"]
 
 
 # -- greeting, EHLO, HELO -----------------------------------------------------------------------
@@ -320,8 +320,9 @@ def test_auth_failure_counted_and_logged_once(e: Dialogue, log_events: list[dict
     assert e.command("AUTH PLAIN " + plain("alice", "wrong")).code == 535
     assert e.protocol._auth_failures == 1
     failures = auth_failure_events(log_events)
-    assert len(failures) == 1, [(ev.get("user"), ev.get("reason")) for ev in failures]
-    assert failures[0]["reason"] == "bad credentials"
+    fields = [ev["relayproxy_fields"] for ev in failures]
+    assert len(fields) == 1, fields
+    assert fields[0]["reason"] == "bad credentials"  # type: ignore[index]
 
 
 def test_authzid_failure_logged_once(e: Dialogue, log_events: list[dict[str, object]]) -> None:

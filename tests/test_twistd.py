@@ -113,5 +113,5 @@ def test_auth_failure_log_line_matches_the_documented_fail2ban_filter(
     for line in lines:
         match = pattern.search(line)
         assert match and match.group("host") == "127.0.0.1"
-        assert "user='app1'" in line
+        assert " user=app1 " in line
     assert "not-the-password" not in log.read_text()

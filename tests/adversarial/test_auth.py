@@ -253,5 +253,5 @@ def test_hundred_wrong_passwords_from_one_ip(
     failures = [line for line in lines if "auth failed" in line]
     assert len(failures) == 10
     for line in failures:
-        assert re.fullmatch(r"auth failed client=127\.0\.0\.3 user='app1' reason=.*", line), line
+        assert re.fullmatch(r"auth failed client=127\.0\.0\.3 user=app1 reason=.*", line), line
     assert not [line for line in lines if "Traceback" in line or "internal error" in line]

@@ -1,0 +1,84 @@
+"""Structured log lines: one event, one line, in a fixed key=value form or as JSON.
+
+Every event goes through twisted.logger with its fields kept apart, so the text form (what twistd
+writes by default, and what fail2ban reads) and the JSON form (``[log] format = "json"``) come from
+the same data. Values never contain a password, token or AUTH payload: callers pass only names,
+addresses, codes and hints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from zope.interface import implementer
+
+_PLAIN = re.compile(r"^[A-Za-z0-9@._:/<>+\-\[\]*#,]+$")
+_FIELDS = "relayproxy_fields"
+_EVENT = "relayproxy_event"
+
+
+def _value(value: object) -> str:
+    text = value if isinstance(value, str) else str(value)
+    # Quoting anything unusual keeps one field from forging another (a user name " client=...").
+    return text if _PLAIN.match(text) else json.dumps(text)
+
+
+def render(event: str, fields: Mapping[str, object]) -> str:
+    return " ".join([event, *(f"{key}={_value(value)}" for key, value in fields.items())])
+
+
+class EventLog:
+    """``log.warn("auth failed", client=ip, user=name)`` writes ``auth failed client=... user=...``."""
+
+    def __init__(self, namespace: str) -> None:
+        self._log = Logger(namespace=namespace)
+
+    def emit(self, level: LogLevel, event: str, **fields: object) -> None:
+        self._log.emit(level, "{relayproxy_text}", relayproxy_text=render(event, fields), relayproxy_event=event, relayproxy_fields=fields)
+
+    def info(self, event: str, **fields: object) -> None:
+        self.emit(LogLevel.info, event, **fields)
+
+    def warn(self, event: str, **fields: object) -> None:
+        self.emit(LogLevel.warn, event, **fields)
+
+    def error(self, event: str, **fields: object) -> None:
+        self.emit(LogLevel.error, event, **fields)
+
+    def failure(self, event: str, **fields: object) -> None:
+        """An unexpected exception: logged with its traceback (never shown to a client)."""
+        self._log.failure(
+            "{relayproxy_text}", None, LogLevel.critical,
+            relayproxy_text=render(event, fields), relayproxy_event=event, relayproxy_fields=fields,
+        )
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """One JSON object per line: ``time``, ``level``, ``event`` and the event's fields."""
+
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self._out = out or sys.stdout
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(event.get("log_time", 0), timezone.utc).isoformat(timespec="milliseconds"),
+            "level": getattr(event.get("log_level"), "name", "info"),
+        }
+        if _EVENT in event:
+            record["event"] = event[_EVENT]
+            record.update({k: v if isinstance(v, int | float | bool) or v is None else str(v) for k, v in event[_FIELDS].items()})
+        else:
+            record["namespace"] = event.get("log_namespace", "-")
+            record["message"] = formatEvent(dict(event))
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["traceback"] = failure.getTraceback()
+        self._out.write(json.dumps(record) + "\n")
+        self._out.flush()
