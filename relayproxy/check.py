@@ -8,6 +8,7 @@ from typing import Any
 from relayproxy.config import Config
 from relayproxy.credentials import read_users_file
 from relayproxy.errors import UpstreamError
+from relayproxy.explain import upstream_failure_hint
 from relayproxy.upstream import UpstreamConnector
 
 
@@ -22,6 +23,7 @@ async def check_upstreams(config: Config, reactor: Any, say: Callable[[str], Non
         except UpstreamError as e:
             failed += 1
             say(f"FAIL upstream {name} {where}: {e.detail}")
+            say(f"     hint: {upstream_failure_hint(e, name, upstream.host)}")
             continue
         authenticated = "authenticated as " + upstream.username if upstream.username else "no credentials sent"
         say(f"ok   upstream {name} {where}: {session.tls_description()}; {authenticated}")

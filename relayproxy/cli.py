@@ -47,7 +47,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_oauth(sub)
     _add_demo(sub)
     _add_explain(sub)
+    _add_check(sub)
     return parser
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = sub.add_parser(
+        "check",
+        help="test every upstream with the central credentials (sends no mail)",
+        description=(
+            "Validate the configuration and the users file, then connect to every upstream: EHLO, "
+            "TLS (prints the version and the certificate's subject and expiry), AUTH with the "
+            "central credentials, QUIT. One line per upstream, with a hint under each failure. "
+            "Exit status 0 when all upstreams work, 1 when any fails, 2 for a bad configuration."
+        ),
+    )
+    check.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the configuration file (default: %(default)s)")
+    check.set_defaults(func=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from twisted.internet import task
+
+    from relayproxy.check import check_upstreams, check_users
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"relayproxy: {problem}", file=sys.stderr)
+        return 2
+    check_users(config, print)
+    failed: list[int] = []
+
+    async def run(reactor: Any) -> None:
+        failed.append(await check_upstreams(config, reactor, lambda line: print(line, flush=True)))
+
+    try:
+        task.react(run)
+    except SystemExit:
+        pass
+    return 1 if not failed or failed[0] else 0
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
