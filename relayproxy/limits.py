@@ -63,6 +63,7 @@ class AuthThrottle:
     def __init__(self, clock: IReactorTime, limits: LimitsConfig) -> None:
         self._by_ip = _Window(clock)
         self._by_user = _Window(clock)
+        self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.update(limits)
 
     def update(self, limits: LimitsConfig) -> None:
@@ -74,9 +75,17 @@ class AuthThrottle:
     def blocked_for(self, ip: str, username: str | None) -> float:
         """Seconds this attempt must still wait; 0 when it may go ahead."""
         wait = self._by_ip.blocked_for(ip)
-        if username is not None:
+        # A guesser elsewhere must not lock a user out of the address it always logs in from.
+        if username is not None and (username.lower(), ip) not in self._known:
             wait = max(wait, self._by_user.blocked_for(username.lower()))
         return wait
+
+    def succeeded(self, ip: str, username: str) -> None:
+        key = (username.lower(), ip)
+        self._known.pop(key, None)
+        self._known[key] = None
+        while len(self._known) > _MAX_TRACKED:
+            self._known.popitem(last=False)
 
     def failed(self, ip: str, username: str | None) -> None:
         self._by_ip.failed(ip)

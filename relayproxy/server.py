@@ -86,7 +86,9 @@ class _Envelope:
 
 
 class _LineTooLong(Exception):
-    pass
+    def __init__(self, auth: bool) -> None:
+        super().__init__()
+        self.auth = auth
 
 
 class _SessionOver(Exception):
@@ -133,6 +135,7 @@ class SMTPServerProtocol(Protocol):
         self._hostname = settings.server.hostname
         self._buffer = b""
         self._skipping = False
+        self._skipping_auth = False
         self._busy = False
         self._processing = False
         self._closed = False
@@ -237,8 +240,10 @@ class SMTPServerProtocol(Protocol):
                 self._gate.release("pipeline")
                 try:
                     line = self._next_line()
-                except _LineTooLong:
-                    self._line_received_error(ProtocolError(Catalogue.LINE_TOO_LONG))
+                except _LineTooLong as e:
+                    # RFC 4954 4: an over-long AUTH line or SASL response has a code of its own.
+                    long_auth = e.auth or self._line_waiter is not None
+                    self._line_received_error(ProtocolError(Catalogue.AUTH_LINE_TOO_LONG if long_auth else Catalogue.LINE_TOO_LONG))
                     continue
                 if line is None:
                     return
@@ -261,15 +266,17 @@ class SMTPServerProtocol(Protocol):
                 return None
             self._buffer = self._buffer[end + 2 :]
             self._skipping = False
-            raise _LineTooLong()
+            raise _LineTooLong(self._skipping_auth)
         if end < 0:
             if len(self._buffer) > limit + 1:
                 self._skipping = True
+                self._skipping_auth = self._buffer[:5].upper() == b"AUTH "
                 self._buffer = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
             return None
         if end > limit:
+            auth = self._buffer[:5].upper() == b"AUTH "
             self._buffer = self._buffer[end + 2 :]
-            raise _LineTooLong()
+            raise _LineTooLong(auth)
         line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
         return line
 
@@ -553,6 +560,7 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.AUTH_TEMPORARY) from None
         assert isinstance(avatar, RelayUser)
         self._user = avatar
+        self.s.throttle.succeeded(self.peer, credentials.username)
         log.info("auth ok", client=self.peer, user=credentials.username, session=self.session_id)
         self._reply(Catalogue.AUTH_OK)
 

@@ -262,7 +262,14 @@ class UpstreamConnector:
             ready = await proto.command(b"STARTTLS", cfg.reply_timeout)
             if ready.code != 220:
                 raise refused("STARTTLS", ready, Catalogue.upstream_tls_failed(name))
-            proto.start_tls(target.tls_options)
+            try:
+                proto.start_tls(target.tls_options)
+            except _Desync:
+                raise UpstreamError(
+                    Catalogue.upstream_tls_failed(name),
+                    f"{target.host}:{target.port} sent bytes after its 220 to STARTTLS, before the handshake (injection?)",
+                    failover=True, step="STARTTLS",
+                ) from None
             ehlo = await proto.command(self._ehlo, cfg.reply_timeout)
             if ehlo.code != 250:
                 raise refused("EHLO after STARTTLS", ehlo, Catalogue.upstream_unreachable(name))

@@ -326,15 +326,15 @@ certificate = "{cert}"
 key = "{key}"
 
 [[listener]]
-endpoint = "tcp:{p1}:interface=127.0.0.1"
+endpoint = "tcp:{p1}:interface=127.0.0.1:backlog=1024"
 tls = "starttls"
 
 [[listener]]
-endpoint = "tcp:{p2}:interface=127.0.0.1"
+endpoint = "tcp:{p2}:interface=127.0.0.1:backlog=1024"
 tls = "implicit"
 
 [[listener]]
-endpoint = "tcp:{p3}:interface=127.0.0.1"
+endpoint = "tcp:{p3}:interface=127.0.0.1:backlog=1024"
 tls = "none"
 
 [auth]

@@ -347,7 +347,7 @@ def test_second_auth(e: Dialogue) -> None:
 def test_auth_line_too_long_at_prompt(e: Dialogue) -> None:
     e.send(b"AUTH PLAIN\r\n")
     e.output()
-    assert status(e.command(b"A" * 600)) == (500, "5.5.2")
+    assert status(e.command(b"A" * 600)) == (500, "5.5.6")
     assert status(e.command("NOOP")) == (250, "2.0.0")
 
 

@@ -171,6 +171,7 @@ class Catalogue:
 
     UNRECOGNIZED = composed(500, "5.5.1", "Command unrecognized")
     LINE_TOO_LONG = composed(500, "5.5.2", "Line too long")
+    AUTH_LINE_TOO_LONG = composed(500, "5.5.6", "Authentication exchange line is too long")
     SYNTAX = composed(501, "5.5.2", "Syntax error")
     BARE_LINE_END = composed(501, "5.5.2", "Syntax error: bare CR or LF in command")
     BAD_PARAMETERS = composed(555, "5.5.4", "Parameters not recognized or not implemented")

@@ -18,7 +18,7 @@ INVALID = expect(Catalogue.AUTH_INVALID, b"535 5.7.8")
 CANCELLED = expect(Catalogue.AUTH_CANCELLED, b"501 5.5.2")
 BAD_BASE64 = expect(Catalogue.AUTH_BAD_BASE64, b"501 5.5.2")
 MALFORMED = expect(Catalogue.AUTH_MALFORMED, b"501 5.5.2")
-TOO_LONG = expect(Catalogue.LINE_TOO_LONG, b"500 5.5.2")
+TOO_LONG = expect(Catalogue.AUTH_LINE_TOO_LONG, b"500 5.5.6")
 THROTTLED = expect(Catalogue.AUTH_TEMPORARY, b"454 4.7.0")
 OK = expect(Catalogue.OK, b"250 2.0.0")
 USERNAME = b"334 " + b64(b"Username:") + b"\r\n"
@@ -255,3 +255,23 @@ def test_hundred_wrong_passwords_from_one_ip(
     for line in failures:
         assert re.fullmatch(r"auth failed client=127\.0\.0\.3 user=app1 reason=.*", line), line
     assert not [line for line in lines if "Traceback" in line or "internal error" in line]
+
+
+def test_guessing_elsewhere_does_not_lock_a_user_out_of_its_usual_address(auth_proxy: Proxy, pki: PKI) -> None:
+    """Attack: lock a known login out by guessing its password from another address (DoS via the per-user limit)."""
+    usual = tls_client(auth_proxy, pki, source="127.0.0.1")
+    assert usual.command(auth_plain("app1", "app1-password")) == AUTH_OK
+    usual.close()
+    for _ in range(4):
+        guesser = tls_client(auth_proxy, pki, source="127.0.0.5")
+        for _ in range(3):
+            guesser.command(auth_plain("app1", "guess"))
+        guesser.close()
+    # The user name is now throttled for addresses it never logged in from...
+    stranger = tls_client(auth_proxy, pki, source="127.0.0.6")
+    assert stranger.command(auth_plain("app1", "app1-password")) == THROTTLED
+    stranger.close()
+    # ...but not for the one it uses.
+    usual = tls_client(auth_proxy, pki, source="127.0.0.1")
+    assert usual.command(auth_plain("app1", "app1-password")) == AUTH_OK
+    usual.close()
