@@ -127,3 +127,13 @@ def test_sighup_reloads_a_twistd_process(tmp_path: Path, pki: PKI, smarthost: Sm
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_reload_adds_and_removes_users(proxy: Proxy, pki: PKI) -> None:
+    users_file = proxy.config_path.parent / "users"
+    write_users_file(users_file, {"app2": hash_password("app2-password", rounds=4)})
+    assert reload(proxy)
+    login(proxy.port, pki, "app2", "app2-password").quit()
+    with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+        login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
+    assert refused.value.smtp_code == 535

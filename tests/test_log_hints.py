@@ -1,0 +1,77 @@
+"""The operator's view: log lines carry the right hint= for the situation (issue: explain replies)."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import ProxyFactory, SmarthostFactory
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, smarthost_upstream, wait_for
+from twisted.logger import globalLogPublisher
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+def fields_of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [dict(e["relayproxy_fields"]) for e in events if e.get("relayproxy_event") == name]
+
+
+def login(proxy: Proxy, pki: PKI) -> smtplib.SMTP:
+    smtp = smtplib.SMTP("127.0.0.1", proxy.port, timeout=20)
+    smtp.starttls(context=pki.client_context())
+    smtp.login(CLIENT_USER, CLIENT_PASSWORD)
+    return smtp
+
+
+def test_upstream_535_blames_the_proxys_credentials(
+    make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI, events: list[dict[str, Any]]
+) -> None:
+    smarthost = make_smarthost(password="rotated")
+    proxy = make_proxy(smarthost_upstream(smarthost, pki))
+    with login(proxy, pki) as smtp:
+        assert smtp.mail("app1@example.org")[0] == 454
+    [failure] = fields_of(events, "upstream failure")
+    assert failure["step"] == "AUTH" and failure["upstream"] == "default"
+    assert failure["hint"].startswith("upstream default refused the proxy's own relay credentials, not the client's")
+
+
+def test_client_that_never_ends_its_body_is_told_so(
+    make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI, events: list[dict[str, Any]]
+) -> None:
+    smarthost = make_smarthost()
+    proxy = make_proxy(smarthost_upstream(smarthost, pki), extra="[limits]\ndata_timeout = 0.3\n")
+    smtp = login(proxy, pki)
+    smtp.mail("app1@example.org")
+    smtp.rcpt("bob@example.net")
+    assert smtp.docmd("DATA")[0] == 354
+    smtp.send(b"Subject: unfinished\r\n\r\nno final dot")
+    assert smtp.getreply() == (421, b"4.4.2 relay.test Timeout, closing connection")
+    smtp.close()
+    wait_for(lambda: bool(fields_of(events, "timeout")))
+    [timeout] = fields_of(events, "timeout")
+    assert timeout["situation"] == "data-timeout"
+    assert "never sent the final '.' line" in timeout["hint"]
+    assert smarthost.received == []
+
+
+def test_sender_refusal_names_the_sender_and_the_allowed_ones(
+    make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI, events: list[dict[str, Any]]
+) -> None:
+    smarthost = make_smarthost()
+    proxy = make_proxy(
+        smarthost_upstream(smarthost, pki), extra='[users.app1]\nallowed_senders = ["@example.org", "ops@example.net"]\n'
+    )
+    with login(proxy, pki) as smtp:
+        assert smtp.mail("ceo@example.com") == (553, b"5.7.1 Sender address not owned by user app1")
+    [refused] = fields_of(events, "refused")
+    assert refused["command"] == "MAIL"
+    assert "<ceo@example.com>" in refused["hint"] and "@example.org, ops@example.net" in refused["hint"]
+    assert "app1" in refused["hint"]
