@@ -27,6 +27,7 @@ from relayproxy.credentials import IRelayUser, RelayUser
 from relayproxy.errors import ProtocolError, UpstreamError
 from relayproxy.explain import codes_of, hint, upstream_failure_hint
 from relayproxy.logs import EventLog
+from relayproxy.metrics import Metrics, MessageOutcome, NullMetrics
 from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.smtp import sasl
 from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
@@ -46,6 +47,10 @@ _FAULT_REPLIES = {
     BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
     BodyFault.NUL: Catalogue.BODY_NUL,
 }
+_OUTCOMES: dict[str, MessageOutcome] = {
+    "relayed": "relayed", "refused": "refused", "refused by upstream": "refused", "failed": "failed",
+}
+
 _HINT_COMMANDS = frozenset({"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "QUIT", "RSET", "NOOP", "VRFY", "HELP"})
 
 _CLOSE_GRACE = 5.0
@@ -68,6 +73,7 @@ class ServerSettings:
     clock: IReactorTime = field(repr=False)
     throttle: AuthThrottle = field(repr=False)
     connections: ConnectionCounter = field(repr=False)
+    metrics: Metrics = field(default_factory=NullMetrics, repr=False)
 
     @property
     def implicit_tls(self) -> bool:
@@ -174,10 +180,12 @@ class SMTPServerProtocol(Protocol):
             no_delay(True)
         if not self.s.connections.open(self.peer):
             log.warn("connection refused", session=self.session_id, client=self.peer, reason="too many connections")
+            self.s.metrics.connection_refused("too many connections")
             self._reply(Catalogue.too_many_connections(self._hostname))
             self._close()
             return
         self._counted = True
+        self.s.metrics.session_opened()
         self._session_timer = self.s.clock.callLater(self.s.limits.session_timeout, self._timed_out)
         if self.s.limits.greeting_delay > 0:
             # Until the greeting, the client has no business talking (RFC 5321 4.3.1); spambots
@@ -196,6 +204,7 @@ class SMTPServerProtocol(Protocol):
             return
         if not self._greeted_client:
             log.warn("early talker", session=self.session_id, client=self.peer)
+            self.s.metrics.connection_refused("early talker")
             self._reply(Catalogue.EARLY_TALKER)
             self._close()
             return
@@ -212,6 +221,7 @@ class SMTPServerProtocol(Protocol):
         if self._counted:
             self._counted = False
             self.s.connections.close(self.peer)
+            self.s.metrics.session_closed()
         if self._line_waiter is not None:
             waiter, self._line_waiter = self._line_waiter, None
             waiter.errback(ConnectionError("client went away"))
@@ -545,6 +555,7 @@ class SMTPServerProtocol(Protocol):
         # Refused before bcrypt runs: a guesser must not cost us a thread per attempt.
         wait = self.s.throttle.blocked_for(self.peer, username)
         if wait > 0:
+            self.s.metrics.auth("throttled")
             log.warn("auth throttled", client=self.peer, user=username or "-", seconds=round(wait), session=self.session_id)
             raise ProtocolError(Catalogue.AUTH_TEMPORARY)
 
@@ -557,10 +568,12 @@ class SMTPServerProtocol(Protocol):
             self._auth_failed(credentials.username, "bad credentials")
         except Exception:
             log.failure("authentication backend failed", session=self.session_id, client=self.peer)
+            self.s.metrics.auth("error")
             raise ProtocolError(Catalogue.AUTH_TEMPORARY) from None
         assert isinstance(avatar, RelayUser)
         self._user = avatar
         self.s.throttle.succeeded(self.peer, credentials.username)
+        self.s.metrics.auth("ok")
         log.info("auth ok", client=self.peer, user=credentials.username, session=self.session_id)
         self._reply(Catalogue.AUTH_OK)
 
@@ -568,6 +581,7 @@ class SMTPServerProtocol(Protocol):
         """Count and log a failure, then raise the client's reply."""
         self._auth_failures += 1
         self.s.throttle.failed(self.peer, username)
+        self.s.metrics.auth("failed")
         # One line per failure, stable for fail2ban: the client address comes first.
         log.warn(
             "auth failed", client=self.peer, user=username, reason=reason, session=self.session_id,
@@ -727,8 +741,10 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.UPSTREAM_LOST)
         upstream.in_transaction = False
         self._awaiting_verdict = True
+        handed_over = self.s.clock.seconds()
         try:
             reply = await upstream.end_data(last)
+            self.s.metrics.upstream_latency(upstream.config.name, "end_of_data", self.s.clock.seconds() - handed_over)
         except UpstreamError as e:
             self._log_message(envelope, decoder, e.reply, "failed")
             raise
@@ -752,6 +768,7 @@ class SMTPServerProtocol(Protocol):
             code, enhanced = codes_of(reply)
             fields["hint"] = hint(code, enhanced, side="upstream" if outcome == "refused by upstream" else "client", command="end-of-data")
         log.info("message", **fields)
+        self.s.metrics.message(self._username, str(fields["upstream"]), _OUTCOMES[outcome], decoder.size)
 
     def _log_refusal(self, reply: Reply) -> None:
         if reply.code == 535 or self._verb == "AUTH" and reply.code == 454:

@@ -27,6 +27,7 @@ from relayproxy.credentials import make_portal
 from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.logs import EventLog, JSONLinesObserver
+from relayproxy.metrics import Metrics, NullMetrics
 from relayproxy.server import ServerSettings, SMTPServerFactory
 from relayproxy.upstream import UpstreamConnector
 from zope.interface import implementer
@@ -96,6 +97,7 @@ class RelayService(MultiService):
         self._reactor = reactor
         self._load = load
         self._tls = ReloadableServerTLS(server_tls_options(config.tls)) if config.tls.certificate else None
+        self.metrics: Metrics = NullMetrics()
         self._throttle = AuthThrottle(reactor, config.limits)
         self._connections = ConnectionCounter(config.limits)
         self._connectors: dict[str, UpstreamConnector] = {}
@@ -116,7 +118,10 @@ class RelayService(MultiService):
         for name, upstream in config.upstreams.items():
             old = self._connectors.get(name)
             # An unchanged upstream keeps its connector (and so its cached tokens and TLS context).
-            connectors[name] = old if old is not None and old.config == upstream else UpstreamConnector(self._reactor, upstream, config.server.hostname)
+            connectors[name] = (
+                old if old is not None and old.config == upstream
+                else UpstreamConnector(self._reactor, upstream, config.server.hostname, self.metrics)
+            )
         self._connectors = connectors
         return portal, connectors
 
@@ -132,6 +137,7 @@ class RelayService(MultiService):
             clock=self._reactor,
             throttle=self._throttle,
             connections=self._connections,
+            metrics=self.metrics,
         )
 
     def stopService(self) -> defer.Deferred[object]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import SSL
@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from relayproxy.config import UpstreamConfig
 from relayproxy.errors import UpstreamError
 from relayproxy.logs import EventLog
+from relayproxy.metrics import Metrics, NullMetrics, UpstreamPhase
 from relayproxy.oauth import TokenError, TokenSource, xoauth2_initial_response
 from relayproxy.smtp import sasl
 from relayproxy.smtp.reply import MAX_LINE, Catalogue, Reply, ReplyError, ReplyParser
@@ -169,6 +170,7 @@ class UpstreamConnector:
     reactor: Any
     config: UpstreamConfig
     local_hostname: str
+    metrics: Metrics = field(default_factory=NullMetrics)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -214,10 +216,12 @@ class UpstreamConnector:
         endpoint: Any = HostnameEndpoint(self.reactor, target.host, target.port, timeout=cfg.connect_timeout)
         if cfg.tls == "implicit":
             endpoint = wrapClientTLS(target.tls_options, endpoint)
+        started = self.reactor.seconds()
         try:
             proto: UpstreamProtocol = await endpoint.connect(self._factory)
         except (ConnectError, OSError) as e:
             raise UpstreamError(Catalogue.upstream_unreachable(name), f"connect to {where}: {e}", failover=True) from None
+        self._took("connect", started)
         session = UpstreamSession(proto, cfg)
         try:
             await self._handshake(session, target)
@@ -237,6 +241,11 @@ class UpstreamConnector:
             raise UpstreamError(Catalogue.upstream_unreachable(name), f"{where}: setup failed: {type(e).__name__} {e}", failover=True) from None
         return session
 
+    def _took(self, phase: UpstreamPhase, since: float) -> float:
+        now: float = self.reactor.seconds()
+        self.metrics.upstream_latency(self.config.name, phase, now - since)
+        return now
+
     async def _handshake(self, session: UpstreamSession, target: _Target) -> None:
         cfg, proto, name = self.config, session.protocol, self.config.name
 
@@ -246,7 +255,11 @@ class UpstreamConnector:
                 step=step.split()[0], upstream_reply=reply,
             )
 
+        started = self.reactor.seconds()
         greeting = await proto.read_reply(cfg.reply_timeout)
+        if cfg.tls == "implicit":
+            # The handshake runs before the greeting can be read.
+            self._took("tls", started)
         if greeting.code != 220:
             raise refused("greeting", greeting, Catalogue.upstream_unreachable(name))
         ehlo = await proto.command(self._ehlo, cfg.reply_timeout)
@@ -259,6 +272,7 @@ class UpstreamConnector:
                     Catalogue.upstream_tls_failed(name), f"{target.host}:{target.port} does not offer STARTTLS",
                     failover=True, step="STARTTLS",
                 )
+            tls_started = self.reactor.seconds()
             ready = await proto.command(b"STARTTLS", cfg.reply_timeout)
             if ready.code != 220:
                 raise refused("STARTTLS", ready, Catalogue.upstream_tls_failed(name))
@@ -271,13 +285,17 @@ class UpstreamConnector:
                     failover=True, step="STARTTLS",
                 ) from None
             ehlo = await proto.command(self._ehlo, cfg.reply_timeout)
+            self._took("tls", tls_started)
             if ehlo.code != 250:
                 raise refused("EHLO after STARTTLS", ehlo, Catalogue.upstream_unreachable(name))
         session.extensions = _extensions(ehlo)
+        auth_started = self.reactor.seconds()
         if self._tokens is not None and cfg.username is not None:
             await self._authenticate_xoauth2(session, cfg.username, self._tokens)
+            self._took("auth", auth_started)
         elif cfg.username is not None and cfg.password is not None:
             await self._authenticate(session, cfg.username, cfg.password)
+            self._took("auth", auth_started)
 
     async def _authenticate_xoauth2(self, session: UpstreamSession, username: str, tokens: TokenSource) -> None:
         proto, cfg = session.protocol, self.config
