@@ -161,6 +161,10 @@ class Config:
     users: dict[str, UserConfig]
     limits: LimitsConfig = LimitsConfig()
     log_format: LogFormat = "text"
+    metrics_endpoint: str | None = None
+    """Twisted server endpoint string for the Prometheus HTTP server; None: no metrics server."""
+    auth_cache_seconds: float = 300.0
+    """How long a verified user name and password pair is accepted without bcrypt (0: never)."""
 
     def user(self, name: str) -> UserConfig:
         """The configuration of user ``name``; users without a section use the defaults."""
@@ -192,18 +196,21 @@ def load_config(
     # daemon happens to be started; absolute so a later chdir cannot change them.
     base = path.absolute().parent
     top = _Table(report, "", data)
-    top.check_known(["server", "tls", "listener", "auth", "upstream", "users", "limits", "log"])
+    top.check_known(["server", "tls", "listener", "auth", "upstream", "users", "limits", "log", "metrics"])
 
     server = _read_server(top.table("server"))
     listeners = _read_listeners(top)
     tls = _read_tls(top.table("tls"), base, listeners)
-    users_file, user_names = _read_auth(top.table("auth"), base)
+    auth_table = top.table("auth")
+    users_file, user_names = _read_auth(auth_table, base)
+    auth_cache_seconds = 0.0 if auth_table.data.get("cache_seconds") == 0 else auth_table.seconds("cache_seconds", Config.auth_cache_seconds)
     upstreams = _read_upstreams(top, base, os.environ if environ is None else environ, for_oauth_setup)
     users = _read_users(top, upstreams, user_names)
     limits = _read_limits(top.table("limits"))
     log_table = top.table("log")
     log_table.check_known(["format"])
     log_format = log_table.choice("format", _LOG_FORMATS, "text")
+    metrics_endpoint = _read_metrics(top.table("metrics"))
 
     if report.problems:
         raise ConfigError(report.problems)
@@ -213,10 +220,12 @@ def load_config(
         tls=tls,
         listeners=listeners,
         users_file=users_file,
+        auth_cache_seconds=auth_cache_seconds,
         upstreams=upstreams,
         users=users,
         limits=limits,
         log_format=log_format,
+        metrics_endpoint=metrics_endpoint,
     )
 
 
@@ -469,6 +478,31 @@ def _binds_locally(endpoint: str) -> bool:
     return False
 
 
+# The metrics server speaks plain HTTP to a scraper: no TLS, no PROXY protocol in front.
+_METRICS_ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+
+
+def _read_metrics(table: _Table) -> str | None:
+    table.check_known(["endpoint"])
+    example = 'write one such as "tcp:9187:interface=127.0.0.1", or remove it to serve no metrics'
+    endpoint = table.string("endpoint", example)
+    if endpoint is None:
+        return None
+    fields = re.split(r"(?<!\\):", endpoint)
+    kind = fields[0].lower()
+    if kind not in _METRICS_ENDPOINT_TYPES or len(fields) < 2 or not fields[1]:
+        table.problem(
+            "endpoint",
+            f"{json.dumps(endpoint)} is not a server endpoint of a known type ({', '.join(_METRICS_ENDPOINT_TYPES)})",
+            example,
+        )
+        return None
+    if kind in ("tcp", "tcp6") and not (fields[1].isdigit() and int(fields[1]) <= 65535):
+        table.problem("endpoint", f"{json.dumps(fields[1])} is not a port number from 0 to 65535", example)
+        return None
+    return endpoint
+
+
 def _read_listeners(top: _Table) -> tuple[ListenerConfig, ...]:
     tables = top.array_of_tables("listener")
     if not top.data.get("listener"):
@@ -571,7 +605,7 @@ _TLS_KEY_TYPES = (
 
 
 def _read_auth(table: _Table, base: Path) -> tuple[Path, frozenset[str]]:
-    table.check_known(["users_file"])
+    table.check_known(["users_file", "cache_seconds"])
     fix = "create it with: relayproxy passwd add NAME, or let the relayproxy user read it"
     path = table.path("users_file", base, "write the path of the users file", required=True)
     if path is None:

@@ -6,9 +6,12 @@ The file format is the one ``htpasswd -B`` writes, so either tool can maintain i
 from __future__ import annotations
 
 import collections
+import hmac
 import os
 import re
+import secrets
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from relayproxy.logs import EventLog
@@ -192,15 +195,44 @@ class UsersFileChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, path: Path, run_in_thread: RunInThread) -> None:
+    def __init__(
+        self, path: Path, run_in_thread: RunInThread, cache_seconds: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._path = path
         self._run_in_thread = run_in_thread
         self._snapshot: _Snapshot | None = None
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        # Verified pairs, as keyed digests (never the password): digest -> (expiry, file version, name).
+        self._cache: dict[bytes, tuple[float, tuple[int, int, int, int], bytes]] = {}
+        self._key = secrets.token_bytes(32)
 
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[AvatarId]:
         username: str | bytes = credentials.username
         password: str | bytes = credentials.password
-        return self._run_in_thread(lambda: self._check(username, password))
+        if not self._cache_seconds:
+            return self._run_in_thread(lambda: self._check(username, password))
+        digest = self._digest(username, password)
+        hit = self._cache.get(digest)
+        # A stat is cheap enough for the reactor thread; any change to the file (a new password,
+        # a deleted user) changes its version and so drops every cached pair at once.
+        if hit is not None and hit[0] > self._clock() and hit[1] == _version(self._path):
+            return succeed(hit[2])
+        checked = self._run_in_thread(lambda: self._check(username, password))
+        return checked.addCallback(self._remember, digest)
+
+    def _digest(self, username: str | bytes, password: str | bytes) -> bytes:
+        user = username.encode("utf-8") if isinstance(username, str) else username
+        secret = password.encode("utf-8") if isinstance(password, str) else password
+        return hmac.digest(self._key, user + b"\x00" + secret, "sha256")
+
+    def _remember(self, name: AvatarId, digest: bytes) -> AvatarId:
+        snapshot = self._snapshot
+        if snapshot is not None and isinstance(name, bytes):
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
+            self._cache[digest] = (self._clock() + self._cache_seconds, snapshot.version, name)
+        return name
 
     def _check(self, username: str | bytes, password: str | bytes) -> bytes:
         snapshot = self._current()
@@ -215,9 +247,7 @@ class UsersFileChecker:
 
     def _current(self) -> _Snapshot:
         """The users file, re-read only if it changed since the last read."""
-        stat = os.stat(self._path)
-        # The inode changes on an atomic replace even within one mtime tick.
-        version = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        version = _version(self._path)
         snapshot = self._snapshot
         if snapshot is not None and snapshot.version == version:
             return snapshot
@@ -232,6 +262,16 @@ class UsersFileChecker:
         # snapshot keeps each of them consistent without a lock.
         self._snapshot = _Snapshot(version, users, dummy_hash)
         return self._snapshot
+
+
+def _version(path: Path) -> tuple[int, int, int, int]:
+    stat = os.stat(path)
+    # The inode changes on an atomic replace even within one mtime tick.
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+_MAX_CACHED = 10_000
+"""Verified pairs kept at most; past that the cache starts over (it only saves time)."""
 
 
 def _text_or_none(name: str | bytes) -> str | None:
@@ -272,4 +312,4 @@ class RelayRealm:
 
 def make_portal(config: Config, run_in_thread: RunInThread) -> Portal:
     """The Portal that SMTP AUTH logs in through; its avatars provide IRelayUser."""
-    return Portal(RelayRealm(config), [UsersFileChecker(config.users_file, run_in_thread)])
+    return Portal(RelayRealm(config), [UsersFileChecker(config.users_file, run_in_thread, config.auth_cache_seconds)])
