@@ -101,6 +101,9 @@ class UpstreamConfig:
     """Further hosts after ``host``/``port`` (from ``hosts = [...]``), tried in order."""
     envelope_from: str | None = None
     header_from: str | None = None
+    pool_size: int = 4
+    """Authenticated sessions kept open for the next transaction of any client of this upstream."""
+    pool_idle_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -497,9 +500,12 @@ def _read_metrics(table: _Table) -> str | None:
             example,
         )
         return None
-    if kind in ("tcp", "tcp6") and not (fields[1].isdigit() and int(fields[1]) <= 65535):
-        table.problem("endpoint", f"{json.dumps(fields[1])} is not a port number from 0 to 65535", example)
-        return None
+    if kind in ("tcp", "tcp6"):
+        # The port is the first field without "=", or "port=N" anywhere.
+        ports = [f.removeprefix("port=") for f in fields[1:] if "=" not in f or f.startswith("port=")]
+        if not ports or not (ports[0].isdigit() and int(ports[0]) <= 65535):
+            table.problem("endpoint", f"{json.dumps(endpoint)} names no port number from 0 to 65535", example)
+            return None
     return endpoint
 
 
@@ -673,6 +679,8 @@ def _read_upstream(
             "hosts",
             "envelope_from",
             "header_from",
+            "pool_size",
+            "pool_idle_timeout",
         ]
     )
     tls = table.choice("tls", _UPSTREAM_TLS, "starttls")
@@ -757,6 +765,8 @@ def _read_upstream(
         fallbacks=fallbacks,
         envelope_from=_read_envelope_from(table),
         header_from=_read_header_from(table),
+        pool_size=table.integer("pool_size", UpstreamConfig.pool_size, "write a number of sessions such as 4 (0 keeps none)", low=0, high=1000),
+        pool_idle_timeout=table.seconds("pool_idle_timeout", UpstreamConfig.pool_idle_timeout),
     )
 
 

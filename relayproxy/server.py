@@ -426,7 +426,7 @@ class SMTPServerProtocol(Protocol):
             # Closing without the final dot is the only way to be sure a partial body is never delivered.
             upstream.abort()
         else:
-            upstream.close()
+            upstream.connector.release(upstream)
 
     def _upstream_failed(self) -> None:
         if self._upstream is not None and not self._upstream.usable:
@@ -603,18 +603,23 @@ class SMTPServerProtocol(Protocol):
         if not self._user.config.may_send(command.address):
             self._refused_sender = command.address
             raise ProtocolError(Catalogue.sender_not_owned(self._user.name))
-        reused = self._upstream is not None and self._upstream.usable
         upstream = await self._upstream_session()
         try:
             reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
+            stale = upstream.transactions > 0 and reply.code == 421
         except UpstreamError as e:
-            if not reused:
+            if upstream.transactions == 0:
                 raise
-            # A kept session may have been closed by the upstream while idle (its own timeout);
-            # MAIL changes nothing there, so one retry on a fresh session is safe.
+            stale = True
             log.info("kept upstream session failed, reconnecting", session=self.session_id, detail=e.detail)
+        if stale:
+            # A session that already carried mail may have been closed by the upstream while idle,
+            # or hit its messages-per-connection limit (421); MAIL changed nothing there, so one
+            # retry on a fresh session is safe.
+            upstream.abort()
             self._upstream = None
-            upstream = await self._upstream_session()
+            upstream = await self.s.connectors[self._user.upstream.name].open()
+            self._upstream = upstream
             reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
         if reply.is_positive:
             self._envelope = _Envelope(command.address, self.s.clock.seconds())
@@ -654,7 +659,7 @@ class SMTPServerProtocol(Protocol):
         if self._upstream is not None and self._upstream.usable:
             return self._upstream
         self._upstream = None
-        self._upstream = await self.s.connectors[self._user.upstream.name].open()
+        self._upstream = await self.s.connectors[self._user.upstream.name].acquire()
         return self._upstream
 
     async def _smtp_RCPT(self, command: PathCommand) -> None:

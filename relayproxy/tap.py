@@ -28,6 +28,8 @@ from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.logs import EventLog, JSONLinesObserver
 from relayproxy.metrics import Metrics, NullMetrics
+from relayproxy.prometheus import PrometheusMetrics, metrics_service
+from relayproxy.proxyprotocol import listener_service
 from relayproxy.server import ServerSettings, SMTPServerFactory
 from relayproxy.upstream import UpstreamConnector
 from zope.interface import implementer
@@ -97,7 +99,10 @@ class RelayService(MultiService):
         self._reactor = reactor
         self._load = load
         self._tls = ReloadableServerTLS(server_tls_options(config.tls)) if config.tls.certificate else None
-        self.metrics: Metrics = NullMetrics()
+        # Before any factory or connector is built: they keep the object they are given. A reload
+        # keeps it too, so counters run on across SIGHUP.
+        prometheus = PrometheusMetrics() if config.metrics_endpoint else None
+        self.metrics: Metrics = prometheus or NullMetrics()
         self._throttle = AuthThrottle(reactor, config.limits)
         self._connections = ConnectionCounter(config.limits)
         self._connectors: dict[str, UpstreamConnector] = {}
@@ -110,7 +115,18 @@ class RelayService(MultiService):
             if listener.tls == "implicit":
                 assert self._tls is not None, "load_config requires [tls] for TLS listeners"
                 factory = TLSMemoryBIOFactory(self._tls, False, factory)
-            strports.service(listener.endpoint, factory, reactor=reactor).setServiceParent(self)  # type: ignore[no-untyped-call]
+            # haproxy:INNER: the PROXY header reader wraps the (TLS-wrapped) factory, outermost.
+            listener_service(listener.endpoint, factory, reactor).setServiceParent(self)  # type: ignore[no-untyped-call]
+        if prometheus is not None and config.metrics_endpoint:
+            # Serves on through the shutdown drain, /healthz answering 503, then stops.
+            metrics_service(
+                reactor, config.metrics_endpoint, prometheus, self.healthy,
+                until=lambda: defer.gatherResults([f.when_empty() for f in self._factories]),
+            ).setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def healthy(self) -> bool:
+        """Is the service running with every child service (each listener) running?"""
+        return bool(self.running) and all(child.running for child in self)
 
     def _shared(self, config: Config) -> tuple[Portal, dict[str, UpstreamConnector]]:
         portal = make_portal(config, lambda f: threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f))
@@ -153,6 +169,8 @@ class RelayService(MultiService):
         def done(result: object) -> object:
             if deadline.active():
                 deadline.cancel()
+            for connector in self._connectors.values():
+                connector.close_idle()
             return result
 
         return defer.gatherResults([defer.maybeDeferred(lambda: stopped), drained]).addBoth(done)
@@ -185,6 +203,9 @@ class RelayService(MultiService):
         if new.listeners != self.config.listeners:
             log.warn("reload: [[listener]] changes take effect only after a restart")
             new = replace(new, listeners=self.config.listeners)
+        if new.metrics_endpoint != self.config.metrics_endpoint:
+            log.warn("reload: [metrics] changes take effect only after a restart")
+            new = replace(new, metrics_endpoint=self.config.metrics_endpoint)
         if new.log_format != self.config.log_format:
             log.warn("reload: [log] format changes take effect only after a restart")
         if tls is not None and self._tls is not None:

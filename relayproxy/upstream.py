@@ -188,6 +188,47 @@ class UpstreamConnector:
         self._factory = Factory.forProtocol(lambda: UpstreamProtocol(self.reactor))
         # One "Starting factory" log line per upstream connection is noise.
         self._factory.noisy = False
+        self._idle: list[tuple[UpstreamSession, Any]] = []
+
+    async def acquire(self) -> UpstreamSession:
+        """A kept session of this account if one is alive (checked with RSET), else a new one.
+
+        Connecting, TLS and AUTH cost more than the message itself for small mail; a session that
+        ended its transaction cleanly serves the next client routed to the same account.
+        """
+        while self._idle:
+            # The most recently used session is the one least likely to have been closed.
+            session, timer = self._idle.pop()
+            timer.cancel()
+            if not session.usable:
+                session.abort()
+                continue
+            try:
+                reply = await session.command(b"RSET")
+            except UpstreamError:
+                continue
+            if reply.is_positive:
+                return session
+            session.close()
+        return await self.open()
+
+    def release(self, session: UpstreamSession) -> None:
+        """Keep a clean session for the next transaction; anything doubtful is closed."""
+        if not session.usable or session.in_transaction or len(self._idle) >= self.config.pool_size:
+            session.close()
+            return
+        timer = self.reactor.callLater(self.config.pool_idle_timeout, self._expire, session)
+        self._idle.append((session, timer))
+
+    def _expire(self, session: UpstreamSession) -> None:
+        self._idle = [(s, t) for s, t in self._idle if s is not session]
+        session.close()
+
+    def close_idle(self) -> None:
+        for session, timer in self._idle:
+            timer.cancel()
+            session.close()
+        self._idle = []
 
     async def open(self) -> UpstreamSession:
         """Connect, greet, secure and authenticate, trying each host in order.
@@ -222,7 +263,7 @@ class UpstreamConnector:
         except (ConnectError, OSError) as e:
             raise UpstreamError(Catalogue.upstream_unreachable(name), f"connect to {where}: {e}", failover=True) from None
         self._took("connect", started)
-        session = UpstreamSession(proto, cfg)
+        session = UpstreamSession(proto, cfg, self)
         try:
             await self._handshake(session, target)
         except UpstreamError:
@@ -358,9 +399,12 @@ def _ssl_reason(reason: Failure) -> str:
 class UpstreamSession:
     """One authenticated session; transaction methods map every failure to the client's reply."""
 
-    def __init__(self, protocol: UpstreamProtocol, config: UpstreamConfig) -> None:
+    def __init__(self, protocol: UpstreamProtocol, config: UpstreamConfig, connector: UpstreamConnector) -> None:
         self.protocol = protocol
         self.config = config
+        self.connector = connector
+        self.transactions = 0
+        """Messages this session carried to their end: a session that did is a kept one."""
         self.extensions: dict[str, str] = {}
         self.broken = False
         self.in_transaction = False
@@ -408,6 +452,7 @@ class UpstreamSession:
         # The last body bytes and the dot go in one write: one segment, no delayed-ACK stall.
         self.unregister_producer()
         self.protocol.write(last + b".\r\n")
+        self.transactions += 1
         return await self._guard("end-of-data", lambda: self.protocol.read_reply(self.config.data_timeout))
 
     def abort(self) -> None:

@@ -71,6 +71,8 @@ class FakeSession:
     commands: list[bytes] = field(default_factory=list)
     body: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
+    connector: Any = None
+    transactions: int = 0
 
     @property
     def usable(self) -> bool:
@@ -132,8 +134,15 @@ class FakeConnector:
 
     async def open(self) -> FakeSession:
         session = FakeSession(self.script, self.delayed)
+        session.connector = self
         self.sessions.append(session)
         return session
+
+    async def acquire(self) -> FakeSession:
+        return await self.open()
+
+    def release(self, session: FakeSession) -> None:
+        session.close()
 
 
 # -- the dialogue -------------------------------------------------------------------------------

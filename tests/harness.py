@@ -190,7 +190,7 @@ class Recorder:
     connection at that point; anything else gets a plausible positive reply.
     """
 
-    def __init__(self, script: dict[str, str] | None = None, greeting: bytes = b"220 recorder ESMTP\r\n") -> None:
+    def __init__(self, script: dict[str, Any] | None = None, greeting: bytes = b"220 recorder ESMTP\r\n") -> None:
         self.script = script or {}
         self.greeting = greeting
         self.sessions: list[bytearray] = []
@@ -274,7 +274,9 @@ class Recorder:
                 return
 
     def _answer(self, conn: socket.socket, key: str, default: str = "") -> str:
-        reply = self.script.get(key, default)
+        scripted = self.script.get(key, default)
+        # A list is a queue of answers, one per use; its last answer repeats.
+        reply = (scripted.pop(0) if len(scripted) > 1 else scripted[0]) if isinstance(scripted, list) else scripted
         if reply != "DROP":
             conn.sendall(reply.encode("latin-1") + b"\r\n" if not reply.endswith("\n") else reply.encode("latin-1"))
         return reply
@@ -365,6 +367,8 @@ def recorder_upstream(recorder: Recorder, name: str = "default") -> str:
 host = "127.0.0.1"
 port = {recorder.port}
 tls = "none"
+# The recorder's sessions are read when they close; kept sessions are tested on their own.
+pool_size = 0
 """
 
 

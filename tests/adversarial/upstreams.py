@@ -105,6 +105,8 @@ class ScriptedUpstream:
             "connect_timeout = 10",
             "reply_timeout = 10",
             "data_timeout = 10",
+            # Each test reads one upstream session to its end; kept sessions are tested on their own.
+            "pool_size = 0",
         ]
         if tls != "none":
             if ca_file is not None:

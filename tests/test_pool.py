@@ -1,0 +1,133 @@
+"""Upstream session reuse: an authenticated session that ended cleanly serves the next client."""
+
+from __future__ import annotations
+
+import smtplib
+
+from conftest import ProxyFactory, SmarthostFactory
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, Recorder, RawClient, auth_plain_line, smarthost_upstream, wait_for
+
+
+def send(proxy: Proxy, pki: PKI, subject: str) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", proxy.port, timeout=20) as smtp:
+        smtp.starttls(context=pki.client_context())
+        smtp.login(CLIENT_USER, CLIENT_PASSWORD)
+        smtp.mail("app1@example.org")
+        smtp.rcpt("bob@example.net")
+        return smtp.data(f"Subject: {subject}\r\n\r\nhi\r\n".encode())
+
+
+def pooled_recorder(recorder: Recorder, extra: str = "") -> str:
+    return f'[upstream.default]\nhost = "127.0.0.1"\nport = {recorder.port}\ntls = "none"\npool_size = 2\n{extra}'
+
+
+def test_next_client_reuses_the_authenticated_session(make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI) -> None:
+    smarthost = make_smarthost()
+    proxy = make_proxy(smarthost_upstream(smarthost, pki))
+    assert send(proxy, pki, "one") == (250, b"2.0.0 Ok: queued as TEST1")
+    assert send(proxy, pki, "two") == (250, b"2.0.0 Ok: queued as TEST1")
+    assert [m.content.split(b"\r\n")[0] for m in smarthost.received] == [b"Subject: one", b"Subject: two"]
+    assert smarthost.auth_attempts == ["PLAIN"]
+
+
+def test_pool_size_0_keeps_nothing(make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI) -> None:
+    smarthost = make_smarthost()
+    proxy = make_proxy(smarthost_upstream(smarthost, pki) + "pool_size = 0\n")
+    send(proxy, pki, "one")
+    send(proxy, pki, "two")
+    assert smarthost.auth_attempts == ["PLAIN", "PLAIN"]
+
+
+def test_reused_session_starts_with_rset(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+    proxy = make_proxy(pooled_recorder(recorder))
+    for subject in ("one", "two"):
+        raw = RawClient(proxy.plain_port)
+        raw.reply()
+        raw.command(b"EHLO client.test")
+        assert raw.command(auth_plain_line()).startswith(b"235")
+        raw.command(b"MAIL FROM:<app1@example.org>")
+        raw.command(b"RCPT TO:<bob@example.net>")
+        raw.command(b"DATA")
+        assert raw.command(f"Subject: {subject}\r\n\r\nhi\r\n.".encode()) == b"250 2.0.0 Ok: queued as REC1\r\n"
+        raw.command(b"QUIT")
+        raw.close()
+    assert len(recorder.sessions) == 1
+    commands = [c.split(b" ")[0].split(b":")[0] for c in recorder.commands]
+    assert commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA"]
+
+
+def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> None:
+    recorder = Recorder({"RSET": "DROP"})
+    try:
+        proxy = make_proxy(pooled_recorder(recorder))
+        for _ in range(2):
+            raw = RawClient(proxy.plain_port)
+            raw.reply()
+            raw.command(b"EHLO client.test")
+            raw.command(auth_plain_line())
+            assert raw.command(b"MAIL FROM:<app1@example.org>").startswith(b"250")
+            raw.command(b"RCPT TO:<bob@example.net>")
+            raw.command(b"DATA")
+            assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+            raw.command(b"QUIT")
+            raw.close()
+        assert len(recorder.sessions) == 2
+    finally:
+        recorder.stop()
+
+
+def test_session_that_errored_is_never_reused(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+    proxy = make_proxy(pooled_recorder(recorder))
+    raw = RawClient(proxy.plain_port)
+    raw.reply()
+    raw.command(b"EHLO client.test")
+    raw.command(auth_plain_line())
+    raw.command(b"MAIL FROM:<app1@example.org>")
+    raw.command(b"RCPT TO:<bob@example.net>")
+    raw.command(b"DATA")
+    raw.send(b"Subject: cut\r\n\r\nhalf a bo")
+    raw.close()
+    wait_for(lambda: recorder.closed == 1)
+    raw = RawClient(proxy.plain_port)
+    raw.reply()
+    raw.command(b"EHLO client.test")
+    raw.command(auth_plain_line())
+    assert raw.command(b"MAIL FROM:<app1@example.org>").startswith(b"250")
+    raw.close()
+    wait_for(lambda: len(recorder.sessions) == 2)
+    assert b"\r\n.\r\n" not in bytes(recorder.sessions[0])
+
+
+def test_idle_sessions_are_closed(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+    proxy = make_proxy(pooled_recorder(recorder, "pool_idle_timeout = 0.2\n"))
+    raw = RawClient(proxy.plain_port)
+    raw.reply()
+    raw.command(b"EHLO client.test")
+    raw.command(auth_plain_line())
+    raw.command(b"MAIL FROM:<app1@example.org>")
+    raw.command(b"RSET")
+    raw.command(b"QUIT")
+    raw.close()
+    wait_for(lambda: recorder.closed == 1)
+    assert bytes(recorder.sessions[0]).endswith(b"RSET\r\nQUIT\r\n")
+
+
+def test_kept_session_over_its_message_limit_is_replaced(make_proxy: ProxyFactory) -> None:
+    # Providers cap messages per connection and answer the next MAIL with 421.
+    recorder = Recorder({"MAIL": ["250 2.1.0 OK", "421 4.7.0 Too many messages on this connection", "250 2.1.0 OK"]})
+    try:
+        proxy = make_proxy(pooled_recorder(recorder))
+        for _ in range(2):
+            raw = RawClient(proxy.plain_port)
+            raw.reply()
+            raw.command(b"EHLO client.test")
+            raw.command(auth_plain_line())
+            assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.1.0 OK\r\n"
+            raw.command(b"RCPT TO:<bob@example.net>")
+            raw.command(b"DATA")
+            assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+            raw.command(b"QUIT")
+            raw.close()
+        assert len(recorder.sessions) == 2
+    finally:
+        recorder.stop()
