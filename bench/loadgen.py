@@ -22,7 +22,6 @@ import asyncio
 import base64
 import json
 import multiprocessing
-import os
 import socket
 import statistics
 import sys

@@ -10,7 +10,6 @@ import hmac
 import os
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
+from relayproxy.files import current_owner, write_private_file
 from relayproxy.logs import EventLog
 
 if TYPE_CHECKING:
@@ -109,33 +109,12 @@ def _line_problem(line: bytes, users: Mapping[str, bytes]) -> str | None:
 
 
 def write_users_file(path: Path, users: Mapping[str, bytes]) -> None:
-    """Replace ``path`` with ``users`` atomically: readers see the old file or the new, never half."""
+    """Replace ``path`` with ``users`` atomically, mode 0600.
+
+    The owner and group of an existing file (typically the daemon's) are kept when root edits it.
+    """
     text = b"".join(name.encode("utf-8") + b":" + hashed + b"\n" for name, hashed in users.items())
-    # mkstemp creates the file with mode 0600, so the hashes are never readable by others.
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                existing = os.stat(path)
-            except FileNotFoundError:
-                pass
-            else:
-                # Keep the owner and group, typically the daemon's, when root edits the file.
-                if (existing.st_uid, existing.st_gid) != (os.getuid(), os.getgid()):
-                    os.fchown(f.fileno(), existing.st_uid, existing.st_gid)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
-    # The rename itself is only durable once the directory is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private_file(path, text, current_owner(path))
 
 
 def hash_password(password: str, rounds: int = DEFAULT_ROUNDS) -> bytes:

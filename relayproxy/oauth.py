@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
@@ -39,6 +38,7 @@ from twisted.web.iweb import IResponse
 
 from relayproxy.config import OAuthConfig, UpstreamConfig
 from relayproxy.errors import RelayProxyError
+from relayproxy.files import write_private_file
 from relayproxy.logs import EventLog
 
 log = EventLog("relayproxy.oauth")
@@ -79,26 +79,7 @@ def xoauth2_initial_response(username: str, token: str) -> str:
 
 def write_secret_file(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` and a newline atomically, mode 0600, durable on return."""
-    # mkstemp creates the file with mode 0600: the secret is never readable by others, not even briefly.
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            owner = _owner_for(path)
-            if owner is not None:
-                os.fchown(f.fileno(), *owner)
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
-    # The rename itself is only durable once the directory is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private_file(path, (text + "\n").encode("utf-8"), _owner_for(path))
 
 
 def _owner_for(path: Path) -> tuple[int, int] | None:

@@ -33,7 +33,7 @@ from relayproxy.smtp import sasl
 from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
 from relayproxy.smtp.data import BodyDecoder, BodyFault
 from relayproxy.smtp.headers import FromRewriter, HeaderTooLong
-from relayproxy.smtp.reply import Catalogue, Reply, composed
+from relayproxy.smtp.reply import Catalogue, Reply
 from relayproxy.upstream import UpstreamConnector, UpstreamSession
 
 log = EventLog("relayproxy.server")
@@ -662,7 +662,8 @@ class SMTPServerProtocol(Protocol):
         self._upstream = await self.s.connectors[self._user.upstream.name].acquire()
         return self._upstream
 
-    async def _smtp_RCPT(self, command: PathCommand) -> None:
+    def _open_envelope(self) -> _Envelope:
+        """The transaction RCPT and DATA belong to, or the reply that says why there is none."""
         if self._user is None:
             raise ProtocolError(Catalogue.AUTH_REQUIRED)
         envelope = self._envelope
@@ -670,6 +671,10 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.MAIL_FIRST)
         if envelope.failed is not None:
             raise ProtocolError(envelope.failed)
+        return envelope
+
+    async def _smtp_RCPT(self, command: PathCommand) -> None:
+        envelope = self._open_envelope()
         if command.parameters:
             raise ProtocolError(Catalogue.BAD_PARAMETERS)
         if envelope.recipients >= self.s.server.max_recipients:
@@ -684,13 +689,7 @@ class SMTPServerProtocol(Protocol):
         self._reply(reply)
 
     async def _smtp_DATA(self, command: Command) -> None:
-        if self._user is None:
-            raise ProtocolError(Catalogue.AUTH_REQUIRED)
-        envelope = self._envelope
-        if envelope is None:
-            raise ProtocolError(Catalogue.MAIL_FIRST)
-        if envelope.failed is not None:
-            raise ProtocolError(envelope.failed)
+        envelope = self._open_envelope()
         if command.argument:
             raise ProtocolError(Catalogue.SYNTAX)
         if envelope.attempted == 0:

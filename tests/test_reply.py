@@ -7,7 +7,6 @@ import re
 
 import pytest
 
-from relayproxy.smtp import commands
 from relayproxy.smtp.reply import MAX_LINE, Catalogue, Reply, ReplyError, ReplyParser, composed, parse_reply
 
 # -- formatting ---------------------------------------------------------------------------------
