@@ -25,6 +25,7 @@ from OpenSSL import SSL
 
 from relayproxy.credentials import UsersFileError, read_users_file
 from relayproxy.errors import ConfigError
+from relayproxy.redis import parse_redis_url
 
 ListenerTLS = Literal["starttls", "implicit", "none"]
 UpstreamTLS = Literal["implicit", "starttls", "none"]
@@ -111,6 +112,10 @@ class UserConfig:
     name: str
     upstream: str = DEFAULT_UPSTREAM
     allowed_senders: tuple[str, ...] = ()
+    max_messages_per_hour: int | None = None
+    """Messages the upstream accepted for this user in the last hour, at most; None: unlimited."""
+    max_recipients_per_day: int | None = None
+    """Accepted recipients of those messages in the last 24 hours, at most; None: unlimited."""
 
     def may_send(self, address: str) -> bool:
         """May this user use ``address`` as the envelope sender (MAIL FROM)?"""
@@ -151,6 +156,8 @@ class LimitsConfig:
     auth_backoff_max: float = 3600.0
     max_invalid_commands: int = 20
     max_header_size: int = 262144
+    store: str = "memory"
+    """Where AUTH failures and sending budgets are counted: "memory" or "redis://HOST:PORT/DB"."""
 
 
 @dataclass(frozen=True)
@@ -1010,7 +1017,7 @@ def _read_users(
     users = {}
     upstream_list = ", ".join(upstreams) or "none"
     for name, table in top.subtables("users"):
-        table.check_known(["upstream", "allowed_senders"])
+        table.check_known(["upstream", "allowed_senders", *_USER_BUDGETS])
         upstream = table.string("upstream", "write the name of an [upstream.NAME] section") or DEFAULT_UPSTREAM
         if upstreams and upstream not in upstreams:
             table.problem(
@@ -1025,7 +1032,12 @@ def _read_users(
             if not at or not domain:
                 table.problem("allowed_senders", f"{json.dumps(sender)} is no address or @domain", fix)
             senders.append(sender.lower())
-        users[name] = UserConfig(name, upstream, tuple(senders))
+        budget_fix = "write a whole number of at least 1, or remove the key for no limit"
+        users[name] = UserConfig(
+            name, upstream, tuple(senders),
+            max_messages_per_hour=table.integer("max_messages_per_hour", 0, budget_fix, low=1, high=10**9) or None,
+            max_recipients_per_day=table.integer("max_recipients_per_day", 0, budget_fix, low=1, high=10**9) or None,
+        )
     if upstreams and DEFAULT_UPSTREAM not in upstreams:
         for name in sorted(user_names - users.keys()):
             top.report.add(
@@ -1045,11 +1057,29 @@ _LIMIT_COUNTS = (
 
 
 def _read_limits(table: _Table) -> LimitsConfig:
-    table.check_known([*_LIMIT_SECONDS, *_LIMIT_COUNTS, "greeting_delay"])
+    table.check_known([*_LIMIT_SECONDS, *_LIMIT_COUNTS, "greeting_delay", "store"])
     defaults = LimitsConfig()
     values: dict[str, Any] = {name: table.seconds(name, getattr(defaults, name)) for name in _LIMIT_SECONDS}
     for name in _LIMIT_COUNTS:
         values[name] = table.integer(name, getattr(defaults, name), "write a whole number of at least 1", low=1, high=10**9)
     delay = table.data.get("greeting_delay")
     values["greeting_delay"] = 0.0 if delay == 0 else table.seconds("greeting_delay", defaults.greeting_delay)
+    values["store"] = _read_store(table)
     return LimitsConfig(**values)
+
+
+_USER_BUDGETS = ("max_messages_per_hour", "max_recipients_per_day")
+
+
+def _read_store(table: _Table) -> str:
+    fix = 'write "memory" or a URL such as "redis://127.0.0.1:6379/0"'
+    value = table.string("store", fix)
+    if value is None or value == "memory":
+        return "memory"
+    try:
+        parse_redis_url(value)
+    except ValueError as e:
+        # The URL may hold a password: the problem names only what is wrong with it.
+        table.problem("store", f"not \"memory\" or a usable redis:// URL: {e}", fix)
+        return "memory"
+    return value

@@ -1,96 +1,112 @@
-"""Abuse controls shared by all sessions: AUTH failure throttling and concurrent connection counts."""
+"""Abuse controls shared by all sessions: AUTH failure throttling, sending budgets, connection counts.
+
+The AUTH throttle and the budgets keep their counts in a LimitStore (relayproxy.store): in this
+process by default, or in Redis so that several instances behind a load balancer enforce one limit.
+Their checks are coroutines and raise StoreUnavailable when the store cannot answer.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+import math
+import time
+from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
 
-from relayproxy.config import LimitsConfig
+from relayproxy.config import LimitsConfig, UserConfig
+from relayproxy.store import MAX_TRACKED, LimitStore, MemoryStore, WindowCheck
 
-_MAX_TRACKED = 100_000
-"""Keys (addresses, user names) we remember at most: a guesser sending random names cannot grow memory."""
-
-
-@dataclass
-class _Record:
-    failures: deque[float] = field(default_factory=deque)
-    blocked_until: float = 0.0
-    backoff: float = 0.0
-
-
-class _Window:
-    """Failures per key in a sliding window; past ``threshold``, a block that doubles each time."""
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-        self._records: OrderedDict[str, _Record] = OrderedDict()
-
-    def configure(self, threshold: int, window: float, backoff: float, backoff_max: float) -> None:
-        self._threshold = threshold
-        self._window = window
-        self._backoff = backoff
-        self._backoff_max = backoff_max
-
-    def blocked_for(self, key: str) -> float:
-        record = self._records.get(key)
-        if record is None:
-            return 0.0
-        return max(0.0, record.blocked_until - self._clock.seconds())
-
-    def failed(self, key: str) -> None:
-        now = self._clock.seconds()
-        record = self._records.pop(key, None) or _Record()
-        self._records[key] = record
-        while len(self._records) > _MAX_TRACKED:
-            self._records.popitem(last=False)
-        while record.failures and record.failures[0] <= now - self._window:
-            record.failures.popleft()
-        if not record.failures and record.blocked_until + self._window < now:
-            # A key that stayed quiet for a whole window starts over at the first back-off.
-            record.backoff = 0.0
-        record.failures.append(now)
-        if len(record.failures) >= self._threshold:
-            record.backoff = min(self._backoff_max, record.backoff * 2 if record.backoff else self._backoff)
-            record.blocked_until = now + record.backoff
-            record.failures.clear()
+HOUR = 3600.0
+DAY = 86400.0
 
 
 class AuthThrottle:
     """Counts AUTH failures per client address and per user name (RFC 4954 14: limit guessing)."""
 
-    def __init__(self, clock: IReactorTime, limits: LimitsConfig) -> None:
-        self._by_ip = _Window(clock)
-        self._by_user = _Window(clock)
+    def __init__(self, clock: IReactorTime, limits: LimitsConfig, store: LimitStore | None = None) -> None:
+        self._clock = clock
+        self.store = store or MemoryStore()
+        # Pairs that logged in here: local to each instance, which is enough to spare a user from
+        # a lock-out caused by a guesser elsewhere.
         self._known: OrderedDict[tuple[str, str], None] = OrderedDict()
         self.update(limits)
 
     def update(self, limits: LimitsConfig) -> None:
         """New limits apply from the next failure on; counts so far are kept."""
-        args = (limits.auth_failure_window, limits.auth_backoff, limits.auth_backoff_max)
-        self._by_ip.configure(limits.auth_failures_per_ip, *args)
-        self._by_user.configure(limits.auth_failures_per_user, *args)
+        self._limits = limits
 
-    def blocked_for(self, ip: str, username: str | None) -> float:
+    async def blocked_for(self, ip: str, username: str | None) -> float:
         """Seconds this attempt must still wait; 0 when it may go ahead."""
-        wait = self._by_ip.blocked_for(ip)
+        keys = [f"ip:{ip}"]
         # A guesser elsewhere must not lock a user out of the address it always logs in from.
         if username is not None and (username.lower(), ip) not in self._known:
-            wait = max(wait, self._by_user.blocked_for(username.lower()))
-        return wait
+            keys.append(f"user:{username.lower()}")
+        until = await self.store.blocked_until(keys)
+        return max(0.0, max(until) - self._clock.seconds())
 
     def succeeded(self, ip: str, username: str) -> None:
         key = (username.lower(), ip)
         self._known.pop(key, None)
         self._known[key] = None
-        while len(self._known) > _MAX_TRACKED:
+        while len(self._known) > MAX_TRACKED:
             self._known.popitem(last=False)
 
-    def failed(self, ip: str, username: str | None) -> None:
-        self._by_ip.failed(ip)
+    async def failed(self, ip: str, username: str | None) -> None:
+        limits = self._limits
+        keys = [(f"ip:{ip}", limits.auth_failures_per_ip)]
         if username is not None:
-            self._by_user.failed(username.lower())
+            keys.append((f"user:{username.lower()}", limits.auth_failures_per_user))
+        await self.store.record_failure(
+            keys, self._clock.seconds(), limits.auth_failure_window, limits.auth_backoff, limits.auth_backoff_max
+        )
+
+
+class Budgets:
+    """Per-user sending budgets: messages per hour and recipients per day, in sliding windows.
+
+    A message counts (with its accepted recipients) once the upstream accepted it. Sessions of one
+    user running side by side are each checked against what was counted before them, so together
+    they can pass a budget by what they had in flight at the same time.
+    """
+
+    def __init__(self, clock: IReactorTime, store: LimitStore | None = None) -> None:
+        self._clock = clock
+        self.store = store or MemoryStore()
+
+    @staticmethod
+    def limited(user: UserConfig) -> bool:
+        return user.max_messages_per_hour is not None or user.max_recipients_per_day is not None
+
+    async def mail_refused_until(self, user: UserConfig) -> float | None:
+        """None when ``user`` may start a message now, else the time from which it may."""
+        checks = []
+        if user.max_messages_per_hour is not None:
+            checks.append(WindowCheck(f"messages:{user.name}", HOUR, user.max_messages_per_hour, 1))
+        if user.max_recipients_per_day is not None:
+            checks.append(WindowCheck(f"recipients:{user.name}", DAY, user.max_recipients_per_day, 1))
+        return await self._check(checks)
+
+    async def rcpt_refused_until(self, user: UserConfig, accepted: int) -> float | None:
+        """None when one more recipient (after ``accepted`` in this message) fits in the day's budget."""
+        if user.max_recipients_per_day is None:
+            return None
+        return await self._check([WindowCheck(f"recipients:{user.name}", DAY, user.max_recipients_per_day, accepted + 1)])
+
+    async def record(self, user: UserConfig, recipients: int) -> None:
+        """Count a message the upstream accepted."""
+        adds = []
+        if user.max_messages_per_hour is not None:
+            adds.append((f"messages:{user.name}", HOUR, 1))
+        if user.max_recipients_per_day is not None and recipients > 0:
+            adds.append((f"recipients:{user.name}", DAY, recipients))
+        if adds:
+            await self.store.window_add(adds, self._clock.seconds())
+
+    async def _check(self, checks: list[WindowCheck]) -> float | None:
+        if not checks:
+            return None
+        times = [t for t in await self.store.window_frees_at(checks, self._clock.seconds()) if t is not None]
+        return max(times) if times else None
 
 
 class ConnectionCounter:
@@ -125,3 +141,8 @@ class ConnectionCounter:
     @property
     def total(self) -> int:
         return self._total
+
+
+def utc(seconds: float) -> str:
+    """A time for replies and logs, rounded up to the second: "2026-11-28T17:03:12Z"."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(seconds)))

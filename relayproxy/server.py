@@ -28,12 +28,13 @@ from relayproxy.errors import ProtocolError, UpstreamError
 from relayproxy.explain import codes_of, hint, upstream_failure_hint
 from relayproxy.logs import EventLog
 from relayproxy.metrics import Metrics, MessageOutcome, NullMetrics
-from relayproxy.limits import AuthThrottle, ConnectionCounter
+from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter, utc
 from relayproxy.smtp import sasl
 from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
 from relayproxy.smtp.data import BodyDecoder, BodyFault
 from relayproxy.smtp.headers import FromRewriter, HeaderTooLong
 from relayproxy.smtp.reply import Catalogue, Reply
+from relayproxy.store import StoreUnavailable
 from relayproxy.upstream import UpstreamConnector, UpstreamSession
 
 log = EventLog("relayproxy.server")
@@ -74,6 +75,8 @@ class ServerSettings:
     throttle: AuthThrottle = field(repr=False)
     connections: ConnectionCounter = field(repr=False)
     metrics: Metrics = field(default_factory=NullMetrics, repr=False)
+    budgets: Budgets | None = field(default=None, repr=False)
+    """Per-user sending budgets; None: none enforced."""
 
     @property
     def implicit_tls(self) -> bool:
@@ -530,7 +533,7 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.AUTH_NO_MECHANISM)
         if mechanism not in sasl.MECHANISMS:
             raise ProtocolError(Catalogue.AUTH_UNKNOWN_MECHANISM)
-        self._check_throttle(None)
+        await self._check_throttle(None)
         if mechanism == "PLAIN":
             if not initial:
                 self._reply(Reply(334, ("",)))
@@ -544,16 +547,22 @@ class SMTPServerProtocol(Protocol):
             self._reply(Reply(334, (sasl.PASSWORD_CHALLENGE,)))
             password = (await self._read_line()).decode("ascii", "replace")
             credentials = sasl.Credentials(username, sasl.parse_login_field(sasl.decode_response(password)))
-        self._check_throttle(credentials.username)
+        await self._check_throttle(credentials.username)
         if credentials.authzid and credentials.authzid != credentials.username:
             # RFC 4616 lets a client act for another identity; we never allow that, and answer
             # as for a wrong password so a guesser cannot tell which part was wrong.
-            self._auth_failed(credentials.username, "authzid of another user")
+            await self._auth_failed(credentials.username, "authzid of another user")
         await self._login(credentials)
 
-    def _check_throttle(self, username: str | None) -> None:
+    async def _check_throttle(self, username: str | None) -> None:
         # Refused before bcrypt runs: a guesser must not cost us a thread per attempt.
-        wait = self.s.throttle.blocked_for(self.peer, username)
+        try:
+            wait = await self.s.throttle.blocked_for(self.peer, username)
+        except StoreUnavailable as e:
+            # Fail safe: without the shared counts no password is checked.
+            self._store_unavailable(e, "AUTH")
+            self.s.metrics.auth("error")
+            raise ProtocolError(Catalogue.AUTH_TEMPORARY) from None
         if wait > 0:
             self.s.metrics.auth("throttled")
             log.warn("auth throttled", client=self.peer, user=username or "-", seconds=round(wait), session=self.session_id)
@@ -565,7 +574,7 @@ class SMTPServerProtocol(Protocol):
                 UsernamePassword(credentials.username.encode(), credentials.password.encode()), None, IRelayUser
             )
         except UnauthorizedLogin:
-            self._auth_failed(credentials.username, "bad credentials")
+            await self._auth_failed(credentials.username, "bad credentials")
         except Exception:
             log.failure("authentication backend failed", session=self.session_id, client=self.peer)
             self.s.metrics.auth("error")
@@ -577,10 +586,14 @@ class SMTPServerProtocol(Protocol):
         log.info("auth ok", client=self.peer, user=credentials.username, session=self.session_id)
         self._reply(Catalogue.AUTH_OK)
 
-    def _auth_failed(self, username: str, reason: str) -> None:
+    async def _auth_failed(self, username: str, reason: str) -> None:
         """Count and log a failure, then raise the client's reply."""
         self._auth_failures += 1
-        self.s.throttle.failed(self.peer, username)
+        try:
+            await self.s.throttle.failed(self.peer, username)
+        except StoreUnavailable as e:
+            # The next AUTH finds the store unavailable too and gets 454 without a password check.
+            self._store_unavailable(e, "AUTH")
         self.s.metrics.auth("failed")
         # One line per failure, stable for fail2ban: the client address comes first.
         log.warn(
@@ -603,6 +616,7 @@ class SMTPServerProtocol(Protocol):
         if not self._user.config.may_send(command.address):
             self._refused_sender = command.address
             raise ProtocolError(Catalogue.sender_not_owned(self._user.name))
+        await self._check_budget(None)
         upstream = await self._upstream_session()
         try:
             reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
@@ -625,6 +639,38 @@ class SMTPServerProtocol(Protocol):
             self._envelope = _Envelope(command.address, self.s.clock.seconds())
             upstream.in_transaction = True
         self._reply(reply)
+
+    async def _check_budget(self, accepted: int | None) -> None:
+        """At MAIL (``accepted`` None) or RCPT (after ``accepted`` recipients): raise 451 past the user's budget."""
+        budgets, user = self.s.budgets, self._user
+        if budgets is None or user is None or not budgets.limited(user.config):
+            return
+        try:
+            if accepted is None:
+                until = await budgets.mail_refused_until(user.config)
+            else:
+                until = await budgets.rcpt_refused_until(user.config, accepted)
+        except StoreUnavailable as e:
+            self._store_unavailable(e, self._verb)
+            raise ProtocolError(Catalogue.LIMIT_STORE_UNAVAILABLE) from None
+        if until is not None:
+            raise ProtocolError(Catalogue.sending_limit(user.name, utc(until)))
+
+    async def _count_sent(self, recipients: int) -> None:
+        budgets, user = self.s.budgets, self._user
+        if budgets is None or user is None or not budgets.limited(user.config):
+            return
+        try:
+            await budgets.record(user.config, recipients)
+        except StoreUnavailable as e:
+            # The message is the upstream's now: its 250 stands, uncounted.
+            self._store_unavailable(e, "end-of-data")
+
+    def _store_unavailable(self, error: StoreUnavailable, command: str) -> None:
+        log.error(
+            "limit store unavailable", store=error.store, detail=error.detail, command=command,
+            session=self.session_id, client=self.peer, user=self._username,
+        )
 
     def _mail_parameters(self, command: PathCommand) -> Any:
         """Check the client's MAIL parameters now; return how to phrase them for a given upstream."""
@@ -679,6 +725,7 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.BAD_PARAMETERS)
         if envelope.recipients >= self.s.server.max_recipients:
             raise ProtocolError(Catalogue.TOO_MANY_RECIPIENTS)
+        await self._check_budget(envelope.recipients)
         assert self._upstream is not None
         envelope.attempted += 1
         reply = await self._upstream.command(f"RCPT TO:<{command.address}>".encode("ascii"))
@@ -749,6 +796,10 @@ class SMTPServerProtocol(Protocol):
         try:
             reply = await upstream.end_data(last)
             self.s.metrics.upstream_latency(upstream.config.name, "end_of_data", self.s.clock.seconds() - handed_over)
+            if reply.is_positive and envelope is not None:
+                # Counted before the client hears 250, so its next MAIL on any instance sees this
+                # message; still under _awaiting_verdict, so a shutdown cannot swallow the 250.
+                await self._count_sent(envelope.recipients)
         except UpstreamError as e:
             self._log_message(envelope, decoder, e.reply, "failed")
             raise

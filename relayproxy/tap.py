@@ -11,7 +11,6 @@ from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from OpenSSL import SSL
 from twisted.cred.portal import Portal
@@ -25,12 +24,13 @@ from twisted.python import usage
 from relayproxy.config import Config, ListenerConfig, TLSConfig, load_config
 from relayproxy.credentials import make_portal
 from relayproxy.errors import ConfigError
-from relayproxy.limits import AuthThrottle, ConnectionCounter
+from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter
 from relayproxy.logs import EventLog, JSONLinesObserver
 from relayproxy.metrics import Metrics, NullMetrics
 from relayproxy.prometheus import PrometheusMetrics, metrics_service
 from relayproxy.proxyprotocol import listener_service
 from relayproxy.server import ServerSettings, SMTPServerFactory
+from relayproxy.store import open_store
 from relayproxy.upstream import UpstreamConnector
 from zope.interface import implementer
 
@@ -103,7 +103,10 @@ class RelayService(MultiService):
         # keeps it too, so counters run on across SIGHUP.
         prometheus = PrometheusMetrics() if config.metrics_endpoint else None
         self.metrics: Metrics = prometheus or NullMetrics()
-        self._throttle = AuthThrottle(reactor, config.limits)
+        # One store for the AUTH throttle and the budgets; with Redis, shared with other instances.
+        self._store = open_store(reactor, config.limits.store)
+        self._throttle = AuthThrottle(reactor, config.limits, self._store)
+        self._budgets = Budgets(reactor, self._store)
         self._connections = ConnectionCounter(config.limits)
         self._connectors: dict[str, UpstreamConnector] = {}
         self._factories: list[SMTPServerFactory] = []
@@ -154,6 +157,7 @@ class RelayService(MultiService):
             throttle=self._throttle,
             connections=self._connections,
             metrics=self.metrics,
+            budgets=self._budgets,
         )
 
     def stopService(self) -> defer.Deferred[object]:
@@ -171,6 +175,7 @@ class RelayService(MultiService):
                 deadline.cancel()
             for connector in self._connectors.values():
                 connector.close_idle()
+            self._store.close()
             return result
 
         return defer.gatherResults([defer.maybeDeferred(lambda: stopped), drained]).addBoth(done)
@@ -206,6 +211,9 @@ class RelayService(MultiService):
         if new.metrics_endpoint != self.config.metrics_endpoint:
             log.warn("reload: [metrics] changes take effect only after a restart")
             new = replace(new, metrics_endpoint=self.config.metrics_endpoint)
+        if new.limits.store != self.config.limits.store:
+            log.warn("reload: [limits] store changes take effect only after a restart")
+            new = replace(new, limits=replace(new.limits, store=self.config.limits.store))
         if new.log_format != self.config.log_format:
             log.warn("reload: [log] format changes take effect only after a restart")
         if tls is not None and self._tls is not None:

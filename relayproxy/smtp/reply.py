@@ -208,6 +208,7 @@ class Catalogue:
     UPSTREAM_LOST = composed(451, "4.4.2", "Upstream connection lost, try again later")
     UPSTREAM_BAD_REPLY = composed(451, "4.4.0", "Upstream sent an invalid reply, try again later")
     UPSTREAM_TIMEOUT = composed(451, "4.4.2", "Upstream timed out, try again later")
+    LIMIT_STORE_UNAVAILABLE = composed(451, "4.3.0", "Sending limits cannot be checked now, try again later")
 
     EARLY_TALKER = composed(554, "5.5.0", "Protocol error: client spoke before the greeting")
     TOO_MANY_ERRORS = composed(421, "4.7.0", "Too many invalid commands, closing connection")
@@ -232,6 +233,13 @@ class Catalogue:
     @staticmethod
     def sender_not_owned(user: str) -> Reply:
         return composed(553, "5.7.1", f"Sender address not owned by user {user}")
+
+    @staticmethod
+    def sending_limit(name: str, time: str) -> Reply:
+        """The user's messages per hour or recipients per day are used up until ``time`` (UTC, ISO 8601)."""
+        # A user name may hold any printable character; a reply line only printable ASCII.
+        shown = name.encode("ascii", "backslashreplace").decode("ascii")[:64]
+        return composed(451, "4.7.1", f"Sending limit reached for {shown}, try again after {time}")
 
     @staticmethod
     def upstream_unreachable(name: str) -> Reply:
