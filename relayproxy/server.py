@@ -52,8 +52,6 @@ _OUTCOMES: dict[str, MessageOutcome] = {
     "relayed": "relayed", "refused": "refused", "refused by upstream": "refused", "failed": "failed",
 }
 
-_HINT_COMMANDS = frozenset({"EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "QUIT", "RSET", "NOOP", "VRFY", "HELP"})
-
 _CLOSE_GRACE = 5.0
 """Seconds a closing connection may take to say goodbye before it is aborted."""
 
@@ -155,7 +153,7 @@ class SMTPServerProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._tls = settings.implicit_tls
         self._ehlo = False
-        self._greeted = False
+        self._said_hello = False
         self._user: RelayUser | None = None
         self._auth_failures = 0
         self._invalid_commands = 0
@@ -164,7 +162,7 @@ class SMTPServerProtocol(Protocol):
         self._envelope: _Envelope | None = None
         self._upstream: UpstreamSession | None = None
         self.peer = "unknown"
-        self._greeted_client = False
+        self._greeting_sent = False
         self.session_id = secrets.token_hex(4)
         self._verb = "-"
         self._refused_sender: str | None = None
@@ -198,14 +196,14 @@ class SMTPServerProtocol(Protocol):
             self._greet()
 
     def _greet(self) -> None:
-        self._greeted_client = True
+        self._greeting_sent = True
         self._reply(Catalogue.greeting(self._hostname))
         self._arm_timer(self.s.limits.command_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        if not self._greeted_client:
+        if not self._greeting_sent:
             log.warn("early talker", session=self.session_id, client=self.peer)
             self.s.metrics.connection_refused("early talker")
             self._reply(Catalogue.EARLY_TALKER)
@@ -456,7 +454,7 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.SYNTAX)
         await self._reset_transaction()
         self._ehlo = True
-        self._greeted = True
+        self._said_hello = True
         extensions = ["PIPELINING", f"SIZE {self.s.server.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if self.s.listener.tls == "starttls" and not self._tls:
             extensions.append("STARTTLS")
@@ -469,7 +467,7 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.SYNTAX)
         await self._reset_transaction()
         self._ehlo = False
-        self._greeted = True
+        self._said_hello = True
         self._reply(Catalogue.helo(self._hostname))
 
     async def _smtp_NOOP(self, command: Command) -> None:
@@ -509,7 +507,7 @@ class SMTPServerProtocol(Protocol):
         self.transport.startTLS(self.s.tls_options)  # type: ignore[union-attr]
         self._tls = True
         self._ehlo = False
-        self._greeted = False
+        self._said_hello = False
         self._user = None
         self._envelope = None
         self._drop_upstream(in_data=False)
@@ -519,7 +517,7 @@ class SMTPServerProtocol(Protocol):
         return self._tls or self.s.listener.allow_plaintext_auth or self.s.listener.tls == "none"
 
     async def _smtp_AUTH(self, command: Command) -> None:
-        if not self._greeted:
+        if not self._said_hello:
             raise ProtocolError(Catalogue.EHLO_FIRST)
         if self._user is not None:
             raise ProtocolError(Catalogue.ALREADY_AUTHENTICATED)
@@ -608,7 +606,7 @@ class SMTPServerProtocol(Protocol):
     async def _smtp_MAIL(self, command: PathCommand) -> None:
         if self._user is None:
             raise ProtocolError(Catalogue.AUTH_REQUIRED)
-        if not self._greeted:
+        if not self._said_hello:
             raise ProtocolError(Catalogue.EHLO_FIRST)
         if self._envelope is not None:
             raise ProtocolError(Catalogue.NESTED_MAIL)
@@ -833,7 +831,7 @@ class SMTPServerProtocol(Protocol):
             "refused", session=self.session_id, client=self.peer, user=self._username, command=self._verb,
             reply=str(reply),
             hint=hint(
-                reply.code, reply.enhanced, side="client", command=self._verb if self._verb in _HINT_COMMANDS else "any",
+                reply.code, reply.enhanced, side="client", command=self._verb,
                 sender=sender, user=self._username,
                 allowed_senders=self._user.config.allowed_senders if self._user else (),
             ),
