@@ -200,8 +200,9 @@ class RelayService(MultiService):
         try:
             new = self._load()
             tls = server_tls_options(new.tls) if new.tls.certificate else None
-        except ConfigError as e:
-            for problem in e.problems:
+        except (ConfigError, OSError, ValueError) as e:
+            # A file can change between the check and the read of the certificate.
+            for problem in e.problems if isinstance(e, ConfigError) else [f"{self.config.path}: {e}"]:
                 log.error("reload refused", problem=problem)
             log.error("reload failed, keeping the running configuration", path=str(self.config.path))
             return False
