@@ -7,6 +7,7 @@ synchronous code that talks to it over real sockets (smtplib, raw sockets, swaks
 from __future__ import annotations
 
 import base64
+import smtplib
 import socket
 import ssl
 import threading
@@ -401,6 +402,14 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def login(port: int, pki: PKI, user: str = CLIENT_USER, password: str = CLIENT_PASSWORD) -> smtplib.SMTP:
+    """An smtplib client on a STARTTLS listener, after STARTTLS and AUTH."""
+    smtp = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    smtp.starttls(context=pki.client_context())
+    smtp.login(user, password)
+    return smtp
 
 
 class RawClient:

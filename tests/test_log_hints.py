@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import smtplib
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import ProxyFactory, SmarthostFactory
-from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, smarthost_upstream, wait_for
+from harness import PKI, smarthost_upstream, wait_for, login
 from twisted.logger import globalLogPublisher
 
 
@@ -24,19 +23,12 @@ def fields_of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [dict(e["relayproxy_fields"]) for e in events if e.get("relayproxy_event") == name]
 
 
-def login(proxy: Proxy, pki: PKI) -> smtplib.SMTP:
-    smtp = smtplib.SMTP("127.0.0.1", proxy.port, timeout=20)
-    smtp.starttls(context=pki.client_context())
-    smtp.login(CLIENT_USER, CLIENT_PASSWORD)
-    return smtp
-
-
 def test_upstream_535_blames_the_proxys_credentials(
     make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI, events: list[dict[str, Any]]
 ) -> None:
     smarthost = make_smarthost(password="rotated")
     proxy = make_proxy(smarthost_upstream(smarthost, pki))
-    with login(proxy, pki) as smtp:
+    with login(proxy.port, pki) as smtp:
         assert smtp.mail("app1@example.org")[0] == 454
     [failure] = fields_of(events, "upstream failure")
     assert failure["step"] == "AUTH" and failure["upstream"] == "default"
@@ -48,7 +40,7 @@ def test_client_that_never_ends_its_body_is_told_so(
 ) -> None:
     smarthost = make_smarthost()
     proxy = make_proxy(smarthost_upstream(smarthost, pki), extra="[limits]\ndata_timeout = 0.3\n")
-    smtp = login(proxy, pki)
+    smtp = login(proxy.port, pki)
     smtp.mail("app1@example.org")
     smtp.rcpt("bob@example.net")
     assert smtp.docmd("DATA")[0] == 354
@@ -69,7 +61,7 @@ def test_sender_refusal_names_the_sender_and_the_allowed_ones(
     proxy = make_proxy(
         smarthost_upstream(smarthost, pki), extra='[users.app1]\nallowed_senders = ["@example.org", "ops@example.net"]\n'
     )
-    with login(proxy, pki) as smtp:
+    with login(proxy.port, pki) as smtp:
         assert smtp.mail("ceo@example.com") == (553, b"5.7.1 Sender address not owned by user app1")
     [refused] = fields_of(events, "refused")
     assert refused["command"] == "MAIL"

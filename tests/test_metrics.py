@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
-    CLIENT_PASSWORD,
+    login,
     CLIENT_USER,
     PKI,
     Proxy,
@@ -74,13 +74,6 @@ def scrape(port: int) -> Samples:
     return parse(body)
 
 
-def login(proxy: Proxy, pki: PKI) -> smtplib.SMTP:
-    smtp = smtplib.SMTP("127.0.0.1", proxy.port, timeout=20)
-    smtp.starttls(context=pki.client_context())
-    smtp.login(CLIENT_USER, CLIENT_PASSWORD)
-    return smtp
-
-
 @pytest.fixture
 def metrics_port() -> int:
     from harness import free_port
@@ -107,7 +100,7 @@ def test_counters_after_a_message_a_refusal_and_a_wrong_password(
     assert sample(before, "relayproxy_auth_total", outcome="failed") == 0.0
     assert sample(before, "relayproxy_sessions_active") == 0.0
 
-    with login(metered, pki) as smtp:
+    with login(metered.port, pki) as smtp:
         assert smtp.sendmail("app1@example.org", ["bob@example.net"], MESSAGE) == {}
         smarthost.data_reply = "554 5.7.1 Message rejected as spam"
         with pytest.raises(smtplib.SMTPDataError):
@@ -164,7 +157,7 @@ def test_healthz_and_other_paths(metered: Proxy, metrics_port: int) -> None:
 def test_healthz_is_503_while_draining_then_the_port_closes(
     metered: Proxy, pki: PKI, smarthost: Smarthost, metrics_port: int
 ) -> None:
-    busy = login(metered, pki)
+    busy = login(metered.port, pki)
     assert busy.mail("app1@example.org")[0] == 250
     assert busy.rcpt("bob@example.net")[0] == 250
     assert busy.docmd("DATA")[0] == 354
@@ -191,7 +184,7 @@ def test_healthz_is_503_while_draining_then_the_port_closes(
 def test_reload_keeps_the_metrics_object(metered: Proxy, pki: PKI, metrics_port: int) -> None:
     metrics = metered.service.metrics
     assert isinstance(metrics, PrometheusMetrics)
-    with login(metered, pki):
+    with login(metered.port, pki):
         pass
     # Another [metrics] endpoint in the file only takes effect after a restart.
     path = metered.config_path
@@ -199,7 +192,7 @@ def test_reload_keeps_the_metrics_object(metered: Proxy, pki: PKI, metrics_port:
     assert blockingCallFromThread(reactor, metered.service.reload)
     assert metered.service.metrics is metrics
     assert metered.service.config.metrics_endpoint == f"tcp:{metrics_port}:interface=127.0.0.1"
-    with login(metered, pki):
+    with login(metered.port, pki):
         pass
     assert sample(scrape(metrics_port), "relayproxy_auth_total", outcome="ok") == 2.0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    login,
     CLIENT_PASSWORD,
     CLIENT_USER,
     PKI,
@@ -27,11 +28,15 @@ from twisted.internet.threads import blockingCallFromThread
 from relayproxy.credentials import hash_password, read_users_file, write_users_file
 
 
-def login(port: int, pki: PKI, user: str, password: str) -> smtplib.SMTP:
+def refused_login(port: int, pki: PKI) -> smtplib.SMTPAuthenticationError:
     smtp = smtplib.SMTP("127.0.0.1", port, timeout=20)
     smtp.starttls(context=pki.client_context())
-    smtp.login(user, password)
-    return smtp
+    try:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            smtp.login(CLIENT_USER, CLIENT_PASSWORD)
+    finally:
+        smtp.close()
+    return refused.value
 
 
 def reload(proxy: Proxy) -> bool:
@@ -46,9 +51,8 @@ def test_users_file_changes_apply_without_a_signal(proxy: Proxy, pki: PKI) -> No
     del users[CLIENT_USER]
     write_users_file(users_file, users)
     login(proxy.port, pki, "app2", "app2-password").quit()
-    with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
-        login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
-    assert (refused.value.smtp_code, refused.value.smtp_error) == (535, b"5.7.8 Authentication credentials invalid")
+    refused = refused_login(proxy.port, pki)
+    assert (refused.smtp_code, refused.smtp_error) == (535, b"5.7.8 Authentication credentials invalid")
 
 
 def test_reload_applies_user_rules_to_new_sessions_only(proxy: Proxy, pki: PKI, smarthost: Smarthost) -> None:
@@ -134,6 +138,5 @@ def test_reload_adds_and_removes_users(proxy: Proxy, pki: PKI) -> None:
     write_users_file(users_file, {"app2": hash_password("app2-password", rounds=4)})
     assert reload(proxy)
     login(proxy.port, pki, "app2", "app2-password").quit()
-    with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
-        login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD)
-    assert refused.value.smtp_code == 535
+    refused = refused_login(proxy.port, pki)
+    assert refused.smtp_code == 535

@@ -9,8 +9,7 @@ import threading
 from pathlib import Path
 
 from harness import (
-    CLIENT_PASSWORD,
-    CLIENT_USER,
+    login,
     PKI,
     Proxy,
     Smarthost,
@@ -24,13 +23,6 @@ from harness import (
 from test_twistd import environment, twistd
 
 SHUTTING_DOWN = (421, b"4.3.2 relay.test Service shutting down")
-
-
-def login(port: int, pki: PKI) -> smtplib.SMTP:
-    smtp = smtplib.SMTP("127.0.0.1", port, timeout=20)
-    smtp.starttls(context=pki.client_context())
-    smtp.login(CLIENT_USER, CLIENT_PASSWORD)
-    return smtp
 
 
 def start(tmp_path: Path, pki: PKI, smarthost: Smarthost, grace: float) -> Proxy:
