@@ -106,7 +106,7 @@ class UpstreamProtocol(Protocol):
     @property
     def idle(self) -> bool:
         """Connected, and nothing arrived that we did not ask for (an idle-timeout 421, say)."""
-        return bool(self.connected) and self._error is None and not self._replies and not self._buffer
+        return bool(self.connected) and self._error is None and not self._unsolicited
 
     def abort(self) -> None:
         """Close at once, never sending anything more (above all not the final dot)."""
@@ -134,8 +134,13 @@ class UpstreamProtocol(Protocol):
         self._fail(_Timeout())
         self.abort()
 
+    @property
+    def _unsolicited(self) -> bool:
+        """Bytes or replies (whole or begun) that arrived while we asked for nothing."""
+        return bool(self._replies or self._buffer or self._parser.in_progress)
+
     async def command(self, line: bytes, timeout: float) -> Reply:
-        if self._replies or self._buffer:
+        if self._unsolicited:
             # Replies before we asked: the next command would be answered by a stale or forged reply.
             raise _Desync()
         self.write(line + b"\r\n")
@@ -143,7 +148,7 @@ class UpstreamProtocol(Protocol):
 
     def start_tls(self, options: Any) -> None:
         # RFC 3207 5: anything read before the handshake came in plaintext and could be injected.
-        if self._replies or self._buffer:
+        if self._unsolicited:
             raise _Desync()
         self.transport.startTLS(options)  # type: ignore[union-attr]
 

@@ -131,3 +131,25 @@ def test_kept_session_over_its_message_limit_is_replaced(make_proxy: ProxyFactor
         assert len(recorder.sessions) == 2
     finally:
         recorder.stop()
+
+
+def test_session_with_a_stray_partial_reply_is_not_reused(make_proxy: ProxyFactory) -> None:
+    # A continuation line nobody asked for would merge into the next reply: the session is dropped.
+    recorder = Recorder({"DATA-END": "250 2.0.0 Ok: queued as REC1\r\n250-stray continuation"})
+    try:
+        proxy = make_proxy(pooled_recorder(recorder))
+        for _ in range(2):
+            raw = RawClient(proxy.plain_port)
+            raw.reply()
+            raw.command(b"EHLO client.test")
+            raw.command(auth_plain_line())
+            assert raw.command(b"MAIL FROM:<app1@example.org>").startswith(b"250")
+            raw.command(b"RCPT TO:<bob@example.net>")
+            raw.command(b"DATA")
+            assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+            raw.command(b"QUIT")
+            raw.close()
+        assert len(recorder.sessions) == 2
+        assert b"RSET" not in bytes(recorder.sessions[0])
+    finally:
+        recorder.stop()

@@ -312,3 +312,12 @@ def test_long_names_in_composed_replies() -> None:
             make(name)
 
 
+
+
+def test_parser_reports_a_reply_in_progress() -> None:
+    parser = ReplyParser()
+    assert not parser.in_progress
+    assert parser.line(b"250-first") is None
+    assert parser.in_progress
+    assert parser.line(b"250 last") is not None
+    assert not parser.in_progress

@@ -90,6 +90,11 @@ class ReplyParser:
         self._code: int | None = None
         self._lines: list[str] = []
 
+    @property
+    def in_progress(self) -> bool:
+        """Continuation lines were read and the last line has not come yet."""
+        return bool(self._lines)
+
     def line(self, raw: bytes) -> Reply | None:
         if len(raw) + 2 > MAX_LINE:
             raise ReplyError("reply line too long")
