@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -115,3 +116,29 @@ def test_auth_failure_log_line_matches_the_documented_fail2ban_filter(
         assert match and match.group("host") == "127.0.0.1"
         assert " user=app1 " in line
     assert "not-the-password" not in log.read_text()
+
+
+def test_json_log_lines(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> None:
+    path, ports = write_config(tmp_path, pki, smarthost_upstream(smarthost, pki), extra='[log]\nformat = "json"\n')
+    out = tmp_path / "stdout.jsonl"
+    with out.open("wb") as stdout:
+        proc = subprocess.Popen(
+            [*twistd(), "-n", "--pidfile=", "relayproxy", "--config", str(path)],
+            env=environment(), cwd=tmp_path, stdout=stdout, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: proc.poll() is not None or all(_listening(p) for p in ports), timeout=30)
+        with smtplib.SMTP("127.0.0.1", ports[0], timeout=20) as smtp:
+            smtp.starttls(context=pki.client_context())
+            smtp.login(CLIENT_USER, CLIENT_PASSWORD)
+            smtp.sendmail("app1@example.org", ["bob@example.net"], b"Subject: json\r\n\r\nhi\r\n")
+        wait_for(lambda: b'"event": "message"' in out.read_bytes())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    [message] = [r for r in records if r.get("event") == "message"]
+    assert message["level"] == "info" and message["user"] == "app1" and message["outcome"] == "relayed"
+    assert message["from"] == "<app1@example.org>" and message["rcpts"] == 1
+    assert message["reply"] == "250 2.0.0 Ok: queued as TEST1"
+    assert all("time" in r and "level" in r for r in records)
