@@ -456,10 +456,11 @@ def ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.2f}"
 
 
-def throughput_table(sc: Scenario, reference: bool) -> list[str]:
+def rate_table(sc: Scenario, unit: str, p50_label: str, ratio_digits: int, reference: bool = False) -> list[str]:
+    """Rows of rate, ratio to the direct row, latency, CPU and memory: messages or AUTHs."""
     direct = sc.row("direct")
     out = [
-        "| target | msg/s | ratio to direct | p50 ms | p99 ms | proxy CPU s / 1,000 msg | peak RSS MiB | messages | errors |",
+        f"| target | {unit}/s | ratio to direct | {p50_label} | p99 ms | CPU s / 1,000 {unit} | peak RSS MiB | {unit}s | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sc.rows:
@@ -467,7 +468,12 @@ def throughput_table(sc: Scenario, reference: bool) -> list[str]:
         if r is None:
             out.append(f"| {row.label} | {row.note or 'not run'} | | | | | | | |")
             continue
-        ratio = f"{r.rate / direct.result.rate:.2f}x" if direct and direct.result and direct.result.rate and row.target != "direct" else ("1.00x" if row.target == "direct" else "-")
+        if row.target == "direct":
+            ratio = "1.00x"
+        elif direct and direct.result and direct.result.rate:
+            ratio = f"{r.rate / direct.result.rate:.{ratio_digits}f}x"
+        else:
+            ratio = "-"
         out.append(
             f"| {row.label} | {fmt(r.rate)} | {ratio} | {ms(r.percentile(50))} | {ms(r.percentile(99))} | "
             f"{fmt(row.cpu_per_1000(), 2)} | {fmt(row.rss_peak)} | {r.ok:,} | {r.errors} |"
@@ -517,23 +523,6 @@ def hold_table(sc: Scenario) -> list[str]:
             f"{fmt(row.extra.get('VmRSS'))} | {fmt(row.rss_start)} | {fmt(row.rss_peak)} | "
             f"{ms(r.percentile(50, 'auth_latencies'))} | {ms(r.percentile(99, 'auth_latencies'))} | {r.errors} |"
         )
-    return out
-
-
-def auth_table(sc: Scenario) -> list[str]:
-    direct = sc.row("direct")
-    out = [
-        "| target | AUTH/s | ratio to direct | p50 ms (connect to AUTH reply) | p99 ms | CPU s / 1,000 AUTH | peak RSS MiB | AUTHs | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in sc.rows:
-        r = row.result
-        if r is None:
-            out.append(f"| {row.label} | {row.note or 'not run'} | | | | | | | |")
-            continue
-        ratio = f"{r.rate / direct.result.rate:.3f}x" if direct and direct.result and direct.result.rate and row.target != "direct" else ("1.00x" if row.target == "direct" else "-")
-        out.append(f"| {row.label} | {fmt(r.rate)} | {ratio} | {ms(r.percentile(50))} | {ms(r.percentile(99))} | "
-                   f"{fmt(row.cpu_per_1000(), 2)} | {fmt(row.rss_peak)} | {r.ok:,} | {r.errors} |")
     return out
 
 
@@ -713,13 +702,13 @@ def report(env: Env, scenarios: dict[str, Scenario], targets: list[Target], star
     for sc in scenarios.values():
         lines += ["", f"## {sc.title}", ""]
         if sc.kind == "throughput":
-            lines += throughput_table(sc, reference=sc.key in ("s20x1", "s20x10", "s1"))
+            lines += rate_table(sc, "msg", "p50 ms", 2, reference=sc.key in ("s20x1", "s20x10", "s1"))
         elif sc.kind == "big":
             lines += big_table(sc)
         elif sc.kind == "hold":
             lines += hold_table(sc)
         elif sc.kind == "auth":
-            lines += auth_table(sc)
+            lines += rate_table(sc, "AUTH", "p50 ms (connect to AUTH reply)", 3)
         for note in sc.notes:
             lines += ["", note]
     lines += ["", "## Problems", ""]
