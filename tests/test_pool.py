@@ -17,6 +17,25 @@ def send(proxy: Proxy, pki: PKI, subject: str) -> tuple[int, bytes]:
         return smtp.data(f"Subject: {subject}\r\n\r\nhi\r\n".encode())
 
 
+def logged_in(proxy: Proxy) -> RawClient:
+    raw = RawClient(proxy.plain_port)
+    raw.reply()
+    raw.command(b"EHLO client.test")
+    assert raw.command(auth_plain_line()).startswith(b"235")
+    return raw
+
+
+def transaction(proxy: Proxy, subject: str = "x", mail_reply: bytes = b"250 2.0.0 OK\r\n") -> None:
+    """One client session carrying one message through the plaintext listener, then QUIT."""
+    raw = logged_in(proxy)
+    assert raw.command(b"MAIL FROM:<app1@example.org>") == mail_reply
+    raw.command(b"RCPT TO:<bob@example.net>")
+    raw.command(b"DATA")
+    assert raw.command(f"Subject: {subject}\r\n\r\nhi\r\n.".encode()) == b"250 2.0.0 Ok: queued as REC1\r\n"
+    raw.command(b"QUIT")
+    raw.close()
+
+
 def pooled_recorder(recorder: Recorder, extra: str = "") -> str:
     return f'[upstream.default]\nhost = "127.0.0.1"\nport = {recorder.port}\ntls = "none"\npool_size = 2\n{extra}'
 
@@ -41,16 +60,7 @@ def test_pool_size_0_keeps_nothing(make_proxy: ProxyFactory, make_smarthost: Sma
 def test_reused_session_starts_with_rset(make_proxy: ProxyFactory, recorder: Recorder) -> None:
     proxy = make_proxy(pooled_recorder(recorder))
     for subject in ("one", "two"):
-        raw = RawClient(proxy.plain_port)
-        raw.reply()
-        raw.command(b"EHLO client.test")
-        assert raw.command(auth_plain_line()).startswith(b"235")
-        raw.command(b"MAIL FROM:<app1@example.org>")
-        raw.command(b"RCPT TO:<bob@example.net>")
-        raw.command(b"DATA")
-        assert raw.command(f"Subject: {subject}\r\n\r\nhi\r\n.".encode()) == b"250 2.0.0 Ok: queued as REC1\r\n"
-        raw.command(b"QUIT")
-        raw.close()
+        transaction(proxy, subject)
     assert len(recorder.sessions) == 1
     commands = [c.split(b" ")[0].split(b":")[0] for c in recorder.commands]
     assert commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA"]
@@ -61,16 +71,7 @@ def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> No
     try:
         proxy = make_proxy(pooled_recorder(recorder))
         for _ in range(2):
-            raw = RawClient(proxy.plain_port)
-            raw.reply()
-            raw.command(b"EHLO client.test")
-            raw.command(auth_plain_line())
-            assert raw.command(b"MAIL FROM:<app1@example.org>").startswith(b"250")
-            raw.command(b"RCPT TO:<bob@example.net>")
-            raw.command(b"DATA")
-            assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
-            raw.command(b"QUIT")
-            raw.close()
+            transaction(proxy)
         assert len(recorder.sessions) == 2
     finally:
         recorder.stop()
@@ -78,20 +79,14 @@ def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> No
 
 def test_session_that_errored_is_never_reused(make_proxy: ProxyFactory, recorder: Recorder) -> None:
     proxy = make_proxy(pooled_recorder(recorder))
-    raw = RawClient(proxy.plain_port)
-    raw.reply()
-    raw.command(b"EHLO client.test")
-    raw.command(auth_plain_line())
+    raw = logged_in(proxy)
     raw.command(b"MAIL FROM:<app1@example.org>")
     raw.command(b"RCPT TO:<bob@example.net>")
     raw.command(b"DATA")
     raw.send(b"Subject: cut\r\n\r\nhalf a bo")
     raw.close()
     wait_for(lambda: recorder.closed == 1)
-    raw = RawClient(proxy.plain_port)
-    raw.reply()
-    raw.command(b"EHLO client.test")
-    raw.command(auth_plain_line())
+    raw = logged_in(proxy)
     assert raw.command(b"MAIL FROM:<app1@example.org>").startswith(b"250")
     raw.close()
     wait_for(lambda: len(recorder.sessions) == 2)
@@ -100,10 +95,7 @@ def test_session_that_errored_is_never_reused(make_proxy: ProxyFactory, recorder
 
 def test_idle_sessions_are_closed(make_proxy: ProxyFactory, recorder: Recorder) -> None:
     proxy = make_proxy(pooled_recorder(recorder, "pool_idle_timeout = 0.2\n"))
-    raw = RawClient(proxy.plain_port)
-    raw.reply()
-    raw.command(b"EHLO client.test")
-    raw.command(auth_plain_line())
+    raw = logged_in(proxy)
     raw.command(b"MAIL FROM:<app1@example.org>")
     raw.command(b"RSET")
     raw.command(b"QUIT")
@@ -118,16 +110,7 @@ def test_kept_session_over_its_message_limit_is_replaced(make_proxy: ProxyFactor
     try:
         proxy = make_proxy(pooled_recorder(recorder))
         for _ in range(2):
-            raw = RawClient(proxy.plain_port)
-            raw.reply()
-            raw.command(b"EHLO client.test")
-            raw.command(auth_plain_line())
-            assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.1.0 OK\r\n"
-            raw.command(b"RCPT TO:<bob@example.net>")
-            raw.command(b"DATA")
-            assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
-            raw.command(b"QUIT")
-            raw.close()
+            transaction(proxy, mail_reply=b"250 2.1.0 OK\r\n")
         assert len(recorder.sessions) == 2
     finally:
         recorder.stop()
@@ -139,16 +122,7 @@ def test_session_with_a_stray_partial_reply_is_not_reused(make_proxy: ProxyFacto
     try:
         proxy = make_proxy(pooled_recorder(recorder))
         for _ in range(2):
-            raw = RawClient(proxy.plain_port)
-            raw.reply()
-            raw.command(b"EHLO client.test")
-            raw.command(auth_plain_line())
-            assert raw.command(b"MAIL FROM:<app1@example.org>").startswith(b"250")
-            raw.command(b"RCPT TO:<bob@example.net>")
-            raw.command(b"DATA")
-            assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
-            raw.command(b"QUIT")
-            raw.close()
+            transaction(proxy)
         assert len(recorder.sessions) == 2
         assert b"RSET" not in bytes(recorder.sessions[0])
     finally:
