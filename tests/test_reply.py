@@ -43,7 +43,7 @@ def test_str() -> None:
 def test_classification() -> None:
     assert Reply(250, ("x",)).is_positive and Reply(354, ("x",)).is_positive
     assert Reply(451, ("x",)).is_temporary and not Reply(451, ("x",)).is_positive
-    assert Reply(550, ("x",)).is_permanent and not Reply(550, ("x",)).is_temporary
+    assert not Reply(550, ("x",)).is_temporary and not Reply(550, ("x",)).is_positive
 
 
 @pytest.mark.parametrize(

@@ -57,10 +57,6 @@ class Reply:
     def is_temporary(self) -> bool:
         return 400 <= self.code < 500
 
-    @property
-    def is_permanent(self) -> bool:
-        return self.code >= 500
-
     def to_bytes(self) -> bytes:
         """The reply on the wire, every line prefixed with the enhanced code when there is one.
 
@@ -167,7 +163,6 @@ class Catalogue:
         return Reply(250, (hostname, *extensions))
 
     OK = composed(250, "2.0.0", "OK")
-    SENDER_OK = composed(250, "2.1.0", "Sender OK")
     RESET = composed(250, "2.0.0", "Reset state")
     VRFY = composed(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
     HELP = composed(214, "2.0.0", "See RFC 5321 and https://www.rfc-editor.org/rfc/rfc4954")
