@@ -362,6 +362,21 @@ def test_long_line_with_bare_line_ends_is_several_lines() -> None:
     assert r.fault is None
 
 
+@pytest.mark.parametrize("line_end", [b"\r\n", b"\n"], ids=["crlf", "bare-lf"])
+@pytest.mark.parametrize("length", [997, 998, 999, 1000, 1998])
+def test_one_long_line_among_short_ones(line_end: bytes, length: int) -> None:
+    """Lines in the middle of a chunk are checked by windows, not one by one: a long line first,
+    last or anywhere between, among lines of every length up to the limit, is found whatever the
+    line ends and the split."""
+    rng = random.Random(length)
+    short = [b"x" * rng.choice([0, 1, 76, 500, 997, 998]) for _ in range(12)]
+    for where in range(len(short) + 1):
+        lines = short[:where] + [b"y" * length] + short[where:]
+        data = b"\r\n".join(lines[:-1]) + line_end + lines[-1] + END
+        r = check_all_ways(data, splits=1)
+        assert r.fault is (BodyFault.LINE_TOO_LONG if length > MAX_BODY_LINE else None), where
+
+
 def test_17k_line_then_commands() -> None:
     data = b"Subject: x\r\n\r\n" + b"A" * 17_000 + b"\r\n" + PIPELINED + b"QUIT\r\n" + END + b"NOOP\r\n"
     r = check_all_ways(data, splits=10)
