@@ -35,6 +35,7 @@ from relayproxy.smtp.data import BodyDecoder, BodyFault
 from relayproxy.smtp.headers import FromRewriter, HeaderTooLong
 from relayproxy.smtp.reply import Catalogue, Reply
 from relayproxy.store import StoreUnavailable
+from relayproxy.transport import write_now
 from relayproxy.upstream import UpstreamConnector, UpstreamSession
 
 log = EventLog("relayproxy.server")
@@ -389,7 +390,7 @@ class SMTPServerProtocol(Protocol):
 
     def _reply(self, reply: Reply) -> None:
         if not self._closed:
-            self.transport.write(reply.to_bytes())  # type: ignore[union-attr]
+            write_now(self.transport, reply.to_bytes())
 
     def _close(self) -> None:
         if not self._closed:

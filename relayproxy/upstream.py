@@ -27,6 +27,7 @@ from relayproxy.metrics import Metrics, NullMetrics, UpstreamPhase
 from relayproxy.oauth import TokenError, TokenSource, xoauth2_initial_response
 from relayproxy.smtp import sasl
 from relayproxy.smtp.reply import MAX_LINE, Catalogue, Reply, ReplyError, ReplyParser
+from relayproxy.transport import write_now
 
 log = EventLog("relayproxy.upstream")
 
@@ -114,7 +115,7 @@ class UpstreamProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        write_now(self.transport, data)
 
     async def read_reply(self, timeout: float) -> Reply:
         if self._replies:
