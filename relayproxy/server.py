@@ -8,7 +8,7 @@ PIPELINING (RFC 2920) whatever the upstream's delays, and STARTTLS can drop what
 from __future__ import annotations
 
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,9 +314,9 @@ class SMTPServerProtocol(Protocol):
         # The client's idle timer stops while we work (or wait for the upstream) on its behalf.
         self._busy = True
         self._cancel_timer()
-        defer.Deferred.fromCoroutine(self._guarded(work)).addBoth(self._resume)
+        _run_now(self._guarded(work), self._resume)
 
-    def _resume(self, _: object) -> None:
+    def _resume(self) -> None:
         self._busy = False
         if self._closed:
             return
@@ -855,6 +855,30 @@ class SMTPServerProtocol(Protocol):
             if not reply.is_positive:
                 upstream.close()
                 self._upstream = None
+
+
+def _run_now(coroutine: Coroutine[defer.Deferred[Any], Any, None], done: Callable[[], None]) -> None:
+    """Run a coroutine that awaits only Deferreds as far as it gets in this reactor turn, the rest as
+    each Deferred fires; call ``done`` once it has returned.
+
+    Most commands never wait (EHLO, QUIT, AUTH answered from the cache, refusals) and the others
+    wait once per upstream reply; Deferred.fromCoroutine would add a Deferred, a context copy and
+    a chain of callbacks to each. Awaiting a Deferred yields it, and resuming the coroutine after
+    it fired delivers its result (a failure is thrown in), so one callback per wait suffices.
+    """
+
+    def step(result: object = None) -> None:
+        try:
+            if isinstance(result, Failure):
+                awaited = result.throwExceptionIntoGenerator(coroutine)  # type: ignore[no-untyped-call]
+            else:
+                awaited = coroutine.send(result)
+        except StopIteration:
+            done()
+            return
+        awaited.addBoth(step)
+
+    step()
 
 
 def _mail_line(upstream: UpstreamSession, address: str, parameters: str) -> bytes:
