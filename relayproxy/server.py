@@ -152,6 +152,10 @@ class SMTPServerProtocol(Protocol):
         self._rewriter: FromRewriter | None = None
         self._gate = _ReadGate(self)
         self._timer: IDelayedCall | None = None
+        """The greeting delay, then the grace a closing connection gets."""
+        self._deadline: float | None = None
+        """When the client's silence times out; None while we work for it."""
+        self._deadline_timer: IDelayedCall | None = None
         self._tls = settings.implicit_tls
         self._ehlo = False
         self._said_hello = False
@@ -199,7 +203,7 @@ class SMTPServerProtocol(Protocol):
     def _greet(self) -> None:
         self._greeting_sent = True
         self._reply(Catalogue.greeting(self._hostname))
-        self._arm_timer(self.s.limits.command_timeout)
+        self._expect_client(self.s.limits.command_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -210,14 +214,14 @@ class SMTPServerProtocol(Protocol):
             self._reply(Catalogue.EARLY_TALKER)
             self._close()
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
+        if self._deadline is not None:
+            self._expect_client(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
         self._buffer += data
         self._process()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[no-untyped-call]
         self._closed = True
-        self._cancel_timer()
+        self._cancel_timers()
         if self._session_timer is not None and self._session_timer.active():
             self._session_timer.cancel()
         if self._counted:
@@ -313,7 +317,7 @@ class SMTPServerProtocol(Protocol):
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         # The client's idle timer stops while we work (or wait for the upstream) on its behalf.
         self._busy = True
-        self._cancel_timer()
+        self._deadline = None
         _run_now(self._guarded(work), self._resume)
 
     def _resume(self) -> None:
@@ -323,7 +327,7 @@ class SMTPServerProtocol(Protocol):
         if self._draining and self._idle:
             self._shut_down()
             return
-        self._arm_timer(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
+        self._expect_client(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
         self._process()
 
     # -- graceful shutdown --------------------------------------------------------------------
@@ -376,11 +380,11 @@ class SMTPServerProtocol(Protocol):
     async def _read_line(self) -> bytes:
         waiter: defer.Deferred[bytes] = defer.Deferred()
         self._line_waiter = waiter
-        self._arm_timer(self.s.limits.command_timeout)
+        self._expect_client(self.s.limits.command_timeout)
         try:
             return await waiter
         finally:
-            self._cancel_timer()
+            self._deadline = None
 
     # -- output and lifetime ------------------------------------------------------------------
 
@@ -395,20 +399,41 @@ class SMTPServerProtocol(Protocol):
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._cancel_timer()
+            self._cancel_timers()
             self.transport.loseConnection()  # type: ignore[union-attr]
             # Over TLS, loseConnection waits for the client's close_notify; a client that never
             # reads again would hold the session (and a graceful shutdown) open.
             self._timer = self.s.clock.callLater(_CLOSE_GRACE, self.transport.abortConnection)  # type: ignore[union-attr]
 
-    def _arm_timer(self, seconds: float) -> None:
-        self._cancel_timer()
-        self._timer = self.s.clock.callLater(seconds, self._timed_out)
+    def _expect_client(self, seconds: float) -> None:
+        """The client must send something within ``seconds``.
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        Every command moves the deadline; the pending call is only replaced when it would fire too
+        late, and otherwise looks again when it fires: cheaper than a new call per command.
+        """
+        self._deadline = deadline = self.s.clock.seconds() + seconds
+        timer = self._deadline_timer
+        if timer is None or not timer.active():
+            self._deadline_timer = self.s.clock.callLater(seconds, self._deadline_reached)
+        elif timer.getTime() > deadline:
+            timer.reset(seconds)
+
+    def _deadline_reached(self) -> None:
+        self._deadline_timer = None
+        if self._deadline is None or self._closed:
+            return
+        remaining = self._deadline - self.s.clock.seconds()
+        if remaining > 0:
+            self._deadline_timer = self.s.clock.callLater(remaining, self._deadline_reached)
+        else:
+            self._timed_out()
+
+    def _cancel_timers(self) -> None:
+        self._deadline = None
+        for timer in (self._timer, self._deadline_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._deadline_timer = None
 
     def _timed_out(self) -> None:
         situation = "data-timeout" if self._decoder is not None else "command-timeout"
