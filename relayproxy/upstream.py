@@ -16,7 +16,7 @@ from service_identity import VerificationError
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -58,6 +58,9 @@ class UpstreamProtocol(Protocol):
         self._replies: deque[Reply] = deque()
         self._waiter: defer.Deferred[Reply] | None = None
         self._error: Exception | None = None
+        self._deadline: float | None = None
+        """When the reply we wait for is late; None while we wait for nothing."""
+        self._deadline_timer: IDelayedCall | None = None
         self.connected = False
 
     def connectionMade(self) -> None:
@@ -89,6 +92,7 @@ class UpstreamProtocol(Protocol):
     def _deliver(self, reply: Reply) -> None:
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
+            self._deadline = None
             waiter.callback(reply)
         else:
             self._replies.append(reply)
@@ -96,6 +100,9 @@ class UpstreamProtocol(Protocol):
     def _fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
+        self._deadline = None
+        if self._deadline_timer is not None and self._deadline_timer.active():
+            self._deadline_timer.cancel()
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
             waiter.errback(error)
@@ -124,14 +131,27 @@ class UpstreamProtocol(Protocol):
             raise self._error
         waiter: defer.Deferred[Reply] = defer.Deferred()
         self._waiter = waiter
-        timer = self._clock.callLater(timeout, self._timed_out)
-        try:
-            return await waiter
-        finally:
-            if timer.active():
-                timer.cancel()
+        self._expect_reply(timeout)
+        return await waiter
 
-    def _timed_out(self) -> None:
+    def _expect_reply(self, timeout: float) -> None:
+        # As the server's idle timeout: one pending call per connection, moved only when it would
+        # fire too late, instead of a new call and a cancellation per reply.
+        self._deadline = deadline = self._clock.seconds() + timeout
+        timer = self._deadline_timer
+        if timer is None or not timer.active():
+            self._deadline_timer = self._clock.callLater(timeout, self._deadline_reached)
+        elif timer.getTime() > deadline:
+            timer.reset(timeout)
+
+    def _deadline_reached(self) -> None:
+        self._deadline_timer = None
+        if self._deadline is None:
+            return
+        remaining = self._deadline - self._clock.seconds()
+        if remaining > 0:
+            self._deadline_timer = self._clock.callLater(remaining, self._deadline_reached)
+            return
         self._fail(_Timeout())
         self.abort()
 
