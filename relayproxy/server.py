@@ -481,11 +481,11 @@ class SMTPServerProtocol(Protocol):
         await self._reset_transaction()
         self._ehlo = True
         self._said_hello = True
-        extensions = ["PIPELINING", f"SIZE {self.s.server.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        extensions: tuple[str, ...] = ("PIPELINING", f"SIZE {self.s.server.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")
         if self.s.listener.tls == "starttls" and not self._tls:
-            extensions.append("STARTTLS")
+            extensions += ("STARTTLS",)
         if self._auth_allowed and self._user is None:
-            extensions.append("AUTH " + " ".join(sasl.MECHANISMS))
+            extensions += ("AUTH " + " ".join(sasl.MECHANISMS),)
         self._reply(Catalogue.ehlo(self._hostname, extensions))
 
     async def _smtp_HELO(self, command: Command) -> None:

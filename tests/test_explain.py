@@ -23,7 +23,7 @@ def composed_replies() -> list[tuple[str, Reply]]:
             found.append((name, raw))
         elif isinstance(raw, staticmethod):
             func = raw.__func__
-            samples = [["ESMTP", "AUTH PLAIN LOGIN"] if p.annotation in ("list[str]", list) else "sample"
+            samples = [("ESMTP", "AUTH PLAIN LOGIN") if p.annotation == "tuple[str, ...]" else "sample"
                        for p in inspect.signature(func).parameters.values()]
             reply = func(*samples)
             assert isinstance(reply, Reply), f"Catalogue.{name} does not return a Reply"

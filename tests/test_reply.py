@@ -246,7 +246,7 @@ def catalogue() -> list[tuple[str, Reply]]:
         raw = inspect.getattr_static(Catalogue, name)
         if isinstance(raw, staticmethod):
             params = inspect.signature(member).parameters
-            args = [["PIPELINING", "SIZE 10"] if "extensions" in p else "sample.example" for p in params]
+            args = [("PIPELINING", "SIZE 10") if "extensions" in p else "sample.example" for p in params]
             replies.append((name, member(*args)))
         else:
             replies.append((name, member))

@@ -6,6 +6,7 @@ replies the proxy composes come from ``Catalogue`` so tests and docs can walk th
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -64,11 +65,16 @@ class Reply:
         the basic code, and the replies that can only come before EHLO (too many connections, an
         early talker) keep the code operators and fail2ban filters look for.
         """
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        last = len(self.lines) - 1
-        return "".join(
-            f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(self.lines)
-        ).encode("ascii")
+        wire: bytes | None = self.__dict__.get("_wire")
+        if wire is None:
+            # Kept with the (immutable) reply: the catalogue's replies are sent over and over.
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            last = len(self.lines) - 1
+            wire = "".join(
+                f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(self.lines)
+            ).encode("ascii")
+            object.__setattr__(self, "_wire", wire)
+        return wire
 
     def __str__(self) -> str:
         return self.to_bytes().decode("ascii").rstrip("\r\n").replace("\r\n", " / ")
@@ -147,19 +153,23 @@ class Catalogue:
     """
 
     @staticmethod
+    @functools.cache
     def greeting(hostname: str) -> Reply:
         return Reply(220, (f"{hostname} ESMTP relayproxy",))
 
     @staticmethod
+    @functools.cache
     def closing(hostname: str) -> Reply:
         return composed(221, "2.0.0", f"{hostname} Bye")
 
     @staticmethod
+    @functools.cache
     def helo(hostname: str) -> Reply:
         return Reply(250, (hostname,))
 
     @staticmethod
-    def ehlo(hostname: str, extensions: list[str]) -> Reply:
+    @functools.cache
+    def ehlo(hostname: str, extensions: tuple[str, ...]) -> Reply:
         return Reply(250, (hostname, *extensions))
 
     OK = composed(250, "2.0.0", "OK")
