@@ -642,11 +642,12 @@ class SMTPServerProtocol(Protocol):
             raise ProtocolError(Catalogue.sender_not_owned(self._user.name))
         await self._check_budget(None)
         upstream = await self._upstream_session()
+        kept = upstream.used
         try:
-            reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
-            stale = upstream.transactions > 0 and reply.code == 421
+            reply = await upstream.mail(_mail_line(upstream, command.address, upstream_params(upstream)))
+            stale = kept and reply.code == 421
         except UpstreamError as e:
-            if upstream.transactions == 0:
+            if not kept:
                 raise
             stale = True
             log.info("kept upstream session failed, reconnecting", session=self.session_id, detail=e.detail)
@@ -658,7 +659,7 @@ class SMTPServerProtocol(Protocol):
             self._upstream = None
             upstream = await self.s.connectors[self._user.upstream.name].open()
             self._upstream = upstream
-            reply = await upstream.command(_mail_line(upstream, command.address, upstream_params(upstream)))
+            reply = await upstream.mail(_mail_line(upstream, command.address, upstream_params(upstream)))
         if reply.is_positive:
             self._envelope = _Envelope(command.address, self.s.clock.seconds())
             upstream.in_transaction = True

@@ -72,7 +72,7 @@ class FakeSession:
     body: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
     connector: Any = None
-    transactions: int = 0
+    used: bool = False
 
     @property
     def usable(self) -> bool:
@@ -97,6 +97,10 @@ class FakeSession:
         if line == b"DATA":
             return ok(354, "Go ahead")
         return ok()
+
+    async def mail(self, line: bytes) -> Reply:
+        self.used = True
+        return await self.command(line)
 
     def supports(self, extension: str) -> bool:
         return extension in self.extensions

@@ -201,6 +201,8 @@ class Recorder:
         """Every complete body, as received (dot-stuffed, up to and including the CRLF before the final dot)."""
         self.closed = 0
         """How many sessions have ended (either side closed)."""
+        self.chunks: list[bytes] = []
+        """Every read, as it came: what the proxy sent in one write arrives together."""
         self.port = free_port()
         self._sock = socket.create_server(("127.0.0.1", self.port))
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -239,6 +241,7 @@ class Recorder:
                     if not chunk:
                         return
                     record += chunk
+                    self.chunks.append(chunk)
                     buf += chunk
                     while True:
                         if in_data:

@@ -66,6 +66,39 @@ def test_reused_session_starts_with_rset(make_proxy: ProxyFactory, recorder: Rec
     assert commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA"]
 
 
+def test_kept_session_sends_rset_and_mail_in_one_write(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+    """The upstream offers PIPELINING: reusing a session costs no extra round trip."""
+    proxy = make_proxy(pooled_recorder(recorder))
+    for subject in ("one", "two"):
+        transaction(proxy, subject)
+    assert b"RSET\r\nMAIL FROM:<app1@example.org>\r\n" in recorder.chunks
+
+
+def test_kept_session_without_pipelining_waits_for_rset(make_proxy: ProxyFactory) -> None:
+    recorder = Recorder({"EHLO": "250-recorder\r\n250 8BITMIME"})
+    try:
+        proxy = make_proxy(pooled_recorder(recorder))
+        for subject in ("one", "two"):
+            transaction(proxy, subject)
+        assert len(recorder.sessions) == 1
+        assert b"RSET\r\n" in recorder.chunks
+        assert b"MAIL FROM:<app1@example.org>\r\n" in recorder.chunks
+    finally:
+        recorder.stop()
+
+
+def test_kept_session_refusing_rset_is_replaced(make_proxy: ProxyFactory) -> None:
+    recorder = Recorder({"RSET": "421 4.4.2 idle too long"})
+    try:
+        proxy = make_proxy(pooled_recorder(recorder))
+        for subject in ("one", "two"):
+            transaction(proxy, subject)
+        assert len(recorder.sessions) == 2
+        assert [b.split(b"\r\n")[0] for b in recorder.bodies] == [b"Subject: one", b"Subject: two"]
+    finally:
+        recorder.stop()
+
+
 def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> None:
     recorder = Recorder({"RSET": "DROP"})
     try:
