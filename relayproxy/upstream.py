@@ -7,9 +7,8 @@ before a STARTTLS handshake and puts the AUTH PLAIN payload in error texts (see 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -31,8 +30,6 @@ from relayproxy.transport import write_now
 
 log = EventLog("relayproxy.upstream")
 
-_T = TypeVar("_T")
-
 
 class _Lost(Exception):
     """The upstream connection ended; ``reason`` is Twisted's failure."""
@@ -48,6 +45,9 @@ class _Timeout(Exception):
 
 class _Desync(Exception):
     """The upstream sent bytes nobody asked for: injection, or a broken server."""
+
+
+_EXCHANGE_FAILURES = (_Lost, _Timeout, _Desync, ReplyError)
 
 
 class UpstreamProtocol(Protocol):
@@ -444,26 +444,24 @@ class UpstreamSession:
     def usable(self) -> bool:
         return not self.broken and self.protocol.idle
 
-    async def _guard(self, step: str, exchange: Callable[[], Awaitable[_T]]) -> _T:
+    def _failed(self, step: str, error: Exception) -> UpstreamError:
+        """The client's reply for a failed exchange; the session is never used again."""
         name = self.config.name
-        try:
-            return await exchange()
-        except _Lost as e:
-            self.broken = True
-            raise UpstreamError(Catalogue.UPSTREAM_LOST, f"upstream {name}: connection lost at {step}: {e}", step=step) from None
-        except _Timeout:
-            self.broken = True
-            raise UpstreamError(Catalogue.UPSTREAM_TIMEOUT, f"upstream {name}: timed out at {step}", step=step) from None
-        except (_Desync, ReplyError) as e:
-            self.broken = True
-            self.protocol.abort()
-            raise UpstreamError(
-                Catalogue.UPSTREAM_BAD_REPLY, f"upstream {name}: invalid reply at {step}: {type(e).__name__} {e}", step=step
-            ) from None
+        self.broken = True
+        if isinstance(error, _Lost):
+            return UpstreamError(Catalogue.UPSTREAM_LOST, f"upstream {name}: connection lost at {step}: {error}", step=step)
+        if isinstance(error, _Timeout):
+            return UpstreamError(Catalogue.UPSTREAM_TIMEOUT, f"upstream {name}: timed out at {step}", step=step)
+        self.protocol.abort()
+        return UpstreamError(
+            Catalogue.UPSTREAM_BAD_REPLY, f"upstream {name}: invalid reply at {step}: {type(error).__name__} {error}", step=step
+        )
 
     async def command(self, line: bytes, timeout: float | None = None) -> Reply:
-        verb = line.split(b" ", 1)[0].decode("ascii", "replace")
-        return await self._guard(verb, lambda: self.protocol.command(line, timeout or self.config.reply_timeout))
+        try:
+            return await self.protocol.command(line, timeout or self.config.reply_timeout)
+        except _EXCHANGE_FAILURES as e:
+            raise self._failed(line.split(b" ", 1)[0].decode("ascii", "replace"), e) from None
 
     async def mail(self, line: bytes) -> Reply:
         """MAIL, after the RSET a kept session owes; both in one write when the upstream pipelines,
@@ -474,7 +472,10 @@ class UpstreamSession:
         self.owes_reset = False
         timeout = self.config.reply_timeout
         if self.supports("PIPELINING"):
-            reset, reply = await self._guard("RSET", lambda: self.protocol.pipeline([b"RSET", line], timeout))
+            try:
+                reset, reply = await self.protocol.pipeline([b"RSET", line], timeout)
+            except _EXCHANGE_FAILURES as e:
+                raise self._failed("RSET", e) from None
         else:
             reset = reply = await self.command(b"RSET")
             if reset.is_positive:
@@ -501,7 +502,10 @@ class UpstreamSession:
         # The last body bytes and the dot go in one write: one segment, no delayed-ACK stall.
         self.unregister_producer()
         self.protocol.write(last + b".\r\n")
-        return await self._guard("end-of-data", lambda: self.protocol.read_reply(self.config.data_timeout))
+        try:
+            return await self.protocol.read_reply(self.config.data_timeout)
+        except _EXCHANGE_FAILURES as e:
+            raise self._failed("end-of-data", e) from None
 
     def abort(self) -> None:
         self.broken = True
