@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
 from relayproxy.credentials import IRelayUser, RelayUser
+from relayproxy.deadline import Deadline
 from relayproxy.errors import ProtocolError, UpstreamError
 from relayproxy.explain import codes_of, hint, upstream_failure_hint
 from relayproxy.logs import EventLog
@@ -153,9 +154,8 @@ class SMTPServerProtocol(Protocol):
         self._gate = _ReadGate(self)
         self._timer: IDelayedCall | None = None
         """The greeting delay, then the grace a closing connection gets."""
-        self._deadline: float | None = None
-        """When the client's silence times out; None while we work for it."""
-        self._deadline_timer: IDelayedCall | None = None
+        self._idle_timeout = Deadline(settings.clock, self._timed_out)
+        """The client's silence; stopped while we work for it."""
         self._tls = settings.implicit_tls
         self._ehlo = False
         self._said_hello = False
@@ -203,7 +203,7 @@ class SMTPServerProtocol(Protocol):
     def _greet(self) -> None:
         self._greeting_sent = True
         self._reply(Catalogue.greeting(self._hostname))
-        self._expect_client(self.s.limits.command_timeout)
+        self._idle_timeout.start(self.s.limits.command_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -214,8 +214,8 @@ class SMTPServerProtocol(Protocol):
             self._reply(Catalogue.EARLY_TALKER)
             self._close()
             return
-        if self._deadline is not None:
-            self._expect_client(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
+        if self._idle_timeout.running:
+            self._idle_timeout.start(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
         self._buffer += data
         self._process()
 
@@ -317,7 +317,7 @@ class SMTPServerProtocol(Protocol):
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         # The client's idle timer stops while we work (or wait for the upstream) on its behalf.
         self._busy = True
-        self._deadline = None
+        self._idle_timeout.stop()
         _run_now(self._guarded(work), self._resume)
 
     def _resume(self) -> None:
@@ -327,7 +327,7 @@ class SMTPServerProtocol(Protocol):
         if self._draining and self._idle:
             self._shut_down()
             return
-        self._expect_client(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
+        self._idle_timeout.start(self.s.limits.data_timeout if self._decoder else self.s.limits.command_timeout)
         self._process()
 
     # -- graceful shutdown --------------------------------------------------------------------
@@ -380,11 +380,11 @@ class SMTPServerProtocol(Protocol):
     async def _read_line(self) -> bytes:
         waiter: defer.Deferred[bytes] = defer.Deferred()
         self._line_waiter = waiter
-        self._expect_client(self.s.limits.command_timeout)
+        self._idle_timeout.start(self.s.limits.command_timeout)
         try:
             return await waiter
         finally:
-            self._deadline = None
+            self._idle_timeout.stop()
 
     # -- output and lifetime ------------------------------------------------------------------
 
@@ -405,35 +405,11 @@ class SMTPServerProtocol(Protocol):
             # reads again would hold the session (and a graceful shutdown) open.
             self._timer = self.s.clock.callLater(_CLOSE_GRACE, self.transport.abortConnection)  # type: ignore[union-attr]
 
-    def _expect_client(self, seconds: float) -> None:
-        """The client must send something within ``seconds``.
-
-        Every command moves the deadline; the pending call is only replaced when it would fire too
-        late, and otherwise looks again when it fires: cheaper than a new call per command.
-        """
-        self._deadline = deadline = self.s.clock.seconds() + seconds
-        timer = self._deadline_timer
-        if timer is None or not timer.active():
-            self._deadline_timer = self.s.clock.callLater(seconds, self._deadline_reached)
-        elif timer.getTime() > deadline:
-            timer.reset(seconds)
-
-    def _deadline_reached(self) -> None:
-        self._deadline_timer = None
-        if self._deadline is None or self._closed:
-            return
-        remaining = self._deadline - self.s.clock.seconds()
-        if remaining > 0:
-            self._deadline_timer = self.s.clock.callLater(remaining, self._deadline_reached)
-        else:
-            self._timed_out()
-
     def _cancel_timers(self) -> None:
-        self._deadline = None
-        for timer in (self._timer, self._deadline_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._timer = self._deadline_timer = None
+        self._idle_timeout.cancel()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _timed_out(self) -> None:
         situation = "data-timeout" if self._decoder is not None else "command-timeout"

@@ -15,11 +15,12 @@ from service_identity import VerificationError
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from relayproxy.config import UpstreamConfig
+from relayproxy.deadline import Deadline
 from relayproxy.errors import UpstreamError
 from relayproxy.logs import EventLog
 from relayproxy.metrics import Metrics, NullMetrics, UpstreamPhase
@@ -60,9 +61,7 @@ class UpstreamProtocol(Protocol):
         self._replies: deque[Reply] = deque()
         self._waiter: defer.Deferred[Reply] | None = None
         self._error: Exception | None = None
-        self._deadline: float | None = None
-        """When the reply we wait for is late; None while we wait for nothing."""
-        self._deadline_timer: IDelayedCall | None = None
+        self._reply_timeout = Deadline(clock, self._timed_out)
         self.connected = False
 
     def connectionMade(self) -> None:
@@ -94,7 +93,7 @@ class UpstreamProtocol(Protocol):
     def _deliver(self, reply: Reply) -> None:
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
-            self._deadline = None
+            self._reply_timeout.stop()
             waiter.callback(reply)
         else:
             self._replies.append(reply)
@@ -102,9 +101,7 @@ class UpstreamProtocol(Protocol):
     def _fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
-        self._deadline = None
-        if self._deadline_timer is not None and self._deadline_timer.active():
-            self._deadline_timer.cancel()
+        self._reply_timeout.cancel()
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
             waiter.errback(error)
@@ -133,27 +130,10 @@ class UpstreamProtocol(Protocol):
             raise self._error
         waiter: defer.Deferred[Reply] = defer.Deferred()
         self._waiter = waiter
-        self._expect_reply(timeout)
+        self._reply_timeout.start(timeout)
         return await waiter
 
-    def _expect_reply(self, timeout: float) -> None:
-        # As the server's idle timeout: one pending call per connection, moved only when it would
-        # fire too late, instead of a new call and a cancellation per reply.
-        self._deadline = deadline = self._clock.seconds() + timeout
-        timer = self._deadline_timer
-        if timer is None or not timer.active():
-            self._deadline_timer = self._clock.callLater(timeout, self._deadline_reached)
-        elif timer.getTime() > deadline:
-            timer.reset(timeout)
-
-    def _deadline_reached(self) -> None:
-        self._deadline_timer = None
-        if self._deadline is None:
-            return
-        remaining = self._deadline - self._clock.seconds()
-        if remaining > 0:
-            self._deadline_timer = self._clock.callLater(remaining, self._deadline_reached)
-            return
+    def _timed_out(self) -> None:
         self._fail(_Timeout())
         self.abort()
 
