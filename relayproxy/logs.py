@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from datetime import datetime, timezone
 from typing import IO, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import implementer
 
@@ -57,6 +58,28 @@ class EventLog:
             "{relayproxy_text}", None, LogLevel.critical,
             relayproxy_text=render(event, fields), relayproxy_event=event, relayproxy_fields=fields,
         )
+
+
+class FirstSeen:
+    """Which keys were seen in the last ``seconds``: to log an event that recurs all day (the same
+    app logging in from the same address) when it is news, not every time."""
+
+    def __init__(self, clock: IReactorTime, seconds: float, max_keys: int = 10_000) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._max_keys = max_keys
+        self._seen: dict[Hashable, float] = {}
+
+    def first(self, key: Hashable) -> bool:
+        now = self._clock.seconds()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen < self._seconds:
+            return False
+        if len(self._seen) >= self._max_keys:
+            # Forgetting early only logs a line more.
+            self._seen.clear()
+        self._seen[key] = now
+        return True
 
 
 @implementer(ILogObserver)

@@ -27,7 +27,7 @@ from relayproxy.credentials import IRelayUser, RelayUser
 from relayproxy.deadline import Deadline
 from relayproxy.errors import ProtocolError, UpstreamError
 from relayproxy.explain import codes_of, hint, upstream_failure_hint
-from relayproxy.logs import EventLog
+from relayproxy.logs import EventLog, FirstSeen
 from relayproxy.metrics import Metrics, MessageOutcome, NullMetrics
 from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter, utc
 from relayproxy.smtp import sasl
@@ -77,6 +77,8 @@ class ServerSettings:
     metrics: Metrics = field(default_factory=NullMetrics, repr=False)
     budgets: Budgets | None = field(default=None, repr=False)
     """Per-user sending budgets; None: none enforced."""
+    logins: FirstSeen | None = field(default=None, repr=False)
+    """Which (user, address) logins were logged lately; None: log every login."""
 
     @property
     def implicit_tls(self) -> bool:
@@ -583,7 +585,8 @@ class SMTPServerProtocol(Protocol):
         self._user = avatar
         self.s.throttle.succeeded(self.peer, credentials.username)
         self.s.metrics.auth("ok")
-        log.info("auth ok", client=self.peer, user=credentials.username, session=self.session_id)
+        if self.s.logins is None or self.s.logins.first((credentials.username, self.peer)):
+            log.info("auth ok", client=self.peer, user=credentials.username, session=self.session_id)
         self._reply(Catalogue.AUTH_OK)
 
     async def _auth_failed(self, username: str, reason: str) -> None:

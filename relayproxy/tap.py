@@ -25,7 +25,7 @@ from relayproxy.config import Config, ListenerConfig, TLSConfig, load_config
 from relayproxy.credentials import make_portal
 from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter
-from relayproxy.logs import EventLog, JSONLinesObserver
+from relayproxy.logs import EventLog, FirstSeen, JSONLinesObserver
 from relayproxy.metrics import Metrics, NullMetrics
 from relayproxy.prometheus import PrometheusMetrics, metrics_service
 from relayproxy.proxyprotocol import listener_service
@@ -108,6 +108,8 @@ class RelayService(MultiService):
         self._throttle = AuthThrottle(reactor, config.limits, self._store)
         self._budgets = Budgets(reactor, self._store)
         self._connections = ConnectionCounter(config.limits)
+        # "auth ok" for a user and address once an hour: an app logging in all day is not news.
+        self._logins = FirstSeen(reactor, 3600)
         self._connectors: dict[str, UpstreamConnector] = {}
         self._factories: list[SMTPServerFactory] = []
         shared = self._shared(config)
@@ -158,6 +160,7 @@ class RelayService(MultiService):
             connections=self._connections,
             metrics=self.metrics,
             budgets=self._budgets,
+            logins=self._logins,
         )
 
     def stopService(self) -> defer.Deferred[object]:

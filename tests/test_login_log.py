@@ -1,0 +1,65 @@
+""""auth ok" is logged when a user logs in from an address for the first time in an hour, not at
+every login of an app that connects all day (its messages are logged one by one anyway)."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import ProxyFactory
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, Recorder, recorder_upstream, wait_for
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from relayproxy.logs import FirstSeen
+
+
+@pytest.fixture
+def logins() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("relayproxy_event") == "auth ok":
+            seen.append(dict(event["relayproxy_fields"]))
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+def log_in_and_quit(proxy: Proxy, pki: PKI, source: str = "127.0.0.1") -> None:
+    with smtplib.SMTP("127.0.0.1", proxy.port, timeout=20, source_address=(source, 0)) as smtp:
+        smtp.starttls(context=pki.client_context())
+        assert smtp.login(CLIENT_USER, CLIENT_PASSWORD)[0] == 235
+
+
+def test_a_login_is_logged_once_per_address(
+    make_proxy: ProxyFactory, recorder: Recorder, pki: PKI, logins: list[dict[str, Any]]
+) -> None:
+    proxy = make_proxy(recorder_upstream(recorder))
+    for _ in range(3):
+        log_in_and_quit(proxy, pki)
+    log_in_and_quit(proxy, pki, source="127.0.0.2")
+    wait_for(lambda: len(logins) == 2)
+    assert [(f["user"], f["client"]) for f in logins] == [(CLIENT_USER, "127.0.0.1"), (CLIENT_USER, "127.0.0.2")]
+
+
+def test_first_seen_forgets_after_its_period() -> None:
+    clock = Clock()
+    seen = FirstSeen(clock, 3600)
+    assert seen.first(("app1", "192.0.2.1"))
+    assert not seen.first(("app1", "192.0.2.1"))
+    assert seen.first(("app2", "192.0.2.1"))
+    clock.advance(3599)
+    assert not seen.first(("app1", "192.0.2.1"))
+    clock.advance(3600)
+    assert seen.first(("app1", "192.0.2.1"))
+
+
+def test_first_seen_memory_is_bounded() -> None:
+    seen = FirstSeen(Clock(), 3600, max_keys=100)
+    for n in range(1000):
+        assert seen.first(n)
+    assert len(seen._seen) <= 100
