@@ -135,6 +135,7 @@ class FakeConnector:
     sessions: list[FakeSession] = field(default_factory=list)
     script: Callable[[bytes], Reply] | None = None
     delayed: bool = False
+    idle: list[FakeSession] = field(default_factory=list)
 
     async def open(self) -> FakeSession:
         session = FakeSession(self.script, self.delayed)
@@ -143,10 +144,14 @@ class FakeConnector:
         return session
 
     async def acquire(self) -> FakeSession:
-        return await self.open()
+        return self.idle.pop() if self.idle else await self.open()
 
     def release(self, session: FakeSession) -> None:
-        session.close()
+        # As UpstreamConnector: a clean session is kept for the next transaction, any other closed.
+        if session.usable and not session.in_transaction:
+            self.idle.append(session)
+        else:
+            session.close()
 
 
 # -- the dialogue -------------------------------------------------------------------------------

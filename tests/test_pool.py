@@ -99,6 +99,21 @@ def test_kept_session_refusing_rset_is_replaced(make_proxy: ProxyFactory) -> Non
         recorder.stop()
 
 
+def test_a_client_holds_no_upstream_session_between_messages(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+    """The session goes back to the pool at the upstream's verdict: a second client, while the first
+    is still connected, gets it (and the first one's next message gets it back)."""
+    proxy = make_proxy(pooled_recorder(recorder))
+    first, second = logged_in(proxy), logged_in(proxy)
+    for raw in (first, second, first):
+        assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
+        raw.command(b"RCPT TO:<bob@example.net>")
+        raw.command(b"DATA")
+        assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+    assert len(recorder.sessions) == 1 and len(recorder.bodies) == 3
+    first.close()
+    second.close()
+
+
 def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> None:
     recorder = Recorder({"RSET": "DROP"})
     try:
