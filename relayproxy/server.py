@@ -709,7 +709,7 @@ class SMTPServerProtocol(Protocol):
         if self._upstream is not None and self._upstream.usable:
             return self._upstream
         self._upstream = None
-        self._upstream = await self.s.connectors[self._user.upstream.name].acquire()
+        self._upstream = await self.s.connectors[self._user.upstream.name].acquire(self)
         return self._upstream
 
     def _open_envelope(self) -> _Envelope:

@@ -205,21 +205,34 @@ class UpstreamConnector:
         self._factory.noisy = False
         self._idle: list[tuple[UpstreamSession, Any]] = []
 
-    async def acquire(self) -> UpstreamSession:
-        """A kept session of this account if one looks alive (its next MAIL goes after an RSET), else a new one.
+    async def acquire(self, client: object) -> UpstreamSession:
+        """A kept session of this account if one looks alive, else a new one, for ``client``.
 
         Connecting, TLS and AUTH cost more than the message itself for small mail; a session that
-        ended its transaction cleanly serves the next client routed to the same account.
+        ended its transaction cleanly serves the next client routed to the same account, its next
+        MAIL after an RSET. A session whose last transaction was this client's own is taken back
+        first and without one: it is exactly as the client left it.
         """
+        for index, (session, timer) in enumerate(self._idle):
+            if session.client is client:
+                del self._idle[index]
+                timer.cancel()
+                if session.usable:
+                    return session
+                session.abort()
+                break
         while self._idle:
             # The most recently used session is the one least likely to have been closed.
             session, timer = self._idle.pop()
             timer.cancel()
             if session.usable:
                 session.owes_reset = True
+                session.client = client
                 return session
             session.abort()
-        return await self.open()
+        session = await self.open()
+        session.client = client
+        return session
 
     def release(self, session: UpstreamSession) -> None:
         """Keep a clean session for the next transaction; anything doubtful is closed."""
@@ -416,6 +429,8 @@ class UpstreamSession:
         """It carried a MAIL before: if the next one fails, the upstream may just have dropped it while idle."""
         self.owes_reset = False
         """Handed out again by the pool: RSET goes before the next MAIL."""
+        self.client: object = None
+        """Whose transactions it carries (a server session); kept while it waits in the pool."""
         self.extensions: dict[str, str] = {}
         self.broken = False
         self.in_transaction = False

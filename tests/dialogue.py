@@ -143,7 +143,7 @@ class FakeConnector:
         self.sessions.append(session)
         return session
 
-    async def acquire(self) -> FakeSession:
+    async def acquire(self, client: object) -> FakeSession:
         return self.idle.pop() if self.idle else await self.open()
 
     def release(self, session: FakeSession) -> None:

@@ -114,6 +114,19 @@ def test_a_client_holds_no_upstream_session_between_messages(make_proxy: ProxyFa
     second.close()
 
 
+def test_a_clients_next_message_takes_its_own_session_back_without_rset(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+    proxy = make_proxy(pooled_recorder(recorder))
+    raw = logged_in(proxy)
+    for _ in range(2):
+        raw.command(b"MAIL FROM:<app1@example.org>")
+        raw.command(b"RCPT TO:<bob@example.net>")
+        raw.command(b"DATA")
+        assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+    raw.close()
+    commands = [c.split(b" ")[0].split(b":")[0] for c in recorder.commands]
+    assert commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA"]
+
+
 def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> None:
     recorder = Recorder({"RSET": "DROP"})
     try:
