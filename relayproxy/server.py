@@ -234,6 +234,8 @@ class SMTPServerProtocol(Protocol):
             waiter, self._line_waiter = self._line_waiter, None
             waiter.errback(ConnectionError("client went away"))
         self._drop_upstream(in_data=self._decoder is not None)
+        for connector in self.s.connectors.values():
+            connector.departed(self)
         if isinstance(self.factory, SMTPServerFactory):
             self.factory.closed(self)
 

@@ -209,21 +209,22 @@ class UpstreamConnector:
         """A kept session of this account if one looks alive, else a new one, for ``client``.
 
         Connecting, TLS and AUTH cost more than the message itself for small mail; a session that
-        ended its transaction cleanly serves the next client routed to the same account, its next
-        MAIL after an RSET. A session whose last transaction was this client's own is taken back
-        first and without one: it is exactly as the client left it.
+        ended its transaction cleanly serves the next message routed to the same account. The
+        session this client's own last message used is taken back first, without RSET: it is as
+        the client left it. Any other goes after an RSET (see UpstreamSession.mail), preferring one
+        whose client has gone over one still reserved for a connected client.
         """
-        for index, (session, timer) in enumerate(self._idle):
-            if session.client is client:
-                del self._idle[index]
-                timer.cancel()
-                if session.usable:
-                    return session
-                session.abort()
-                break
+        own = next((entry for entry in self._idle if entry[0].client is client), None)
+        if own is not None:
+            self._idle.remove(own)
+            own[1].cancel()
+            if own[0].usable:
+                return own[0]
+            own[0].abort()
         while self._idle:
-            # The most recently used session is the one least likely to have been closed.
-            session, timer = self._idle.pop()
+            entry = next((e for e in reversed(self._idle) if e[0].client is None), self._idle[-1])
+            self._idle.remove(entry)
+            session, timer = entry
             timer.cancel()
             if session.usable:
                 session.owes_reset = True
@@ -235,12 +236,33 @@ class UpstreamConnector:
         return session
 
     def release(self, session: UpstreamSession) -> None:
-        """Keep a clean session for the next transaction; anything doubtful is closed."""
-        if not session.usable or session.in_transaction or len(self._idle) >= self.config.pool_size:
+        """Keep a clean session for the next transaction; anything doubtful is closed.
+
+        While its client is connected, a kept session is reserved for that client's next message
+        (another client may still take it) and does not count against pool_size, which bounds the
+        sessions kept for whoever comes next.
+        """
+        if not session.usable or session.in_transaction:
             session.close()
             return
         timer = self.reactor.callLater(self.config.pool_idle_timeout, self._expire, session)
         self._idle.append((session, timer))
+        self._trim()
+
+    def departed(self, client: object) -> None:
+        """``client`` disconnected: a session kept for it is now kept for anyone."""
+        for session, _ in self._idle:
+            if session.client is client:
+                session.client = None
+        self._trim()
+
+    def _trim(self) -> None:
+        unreserved = [entry for entry in self._idle if entry[0].client is None]
+        for entry in unreserved[: max(0, len(unreserved) - self.config.pool_size)]:
+            # The longest idle go first.
+            self._idle.remove(entry)
+            entry[1].cancel()
+            entry[0].close()
 
     def _expire(self, session: UpstreamSession) -> None:
         self._idle = [(s, t) for s, t in self._idle if s is not session]

@@ -146,6 +146,9 @@ class FakeConnector:
     async def acquire(self, client: object) -> FakeSession:
         return self.idle.pop() if self.idle else await self.open()
 
+    def departed(self, client: object) -> None:
+        pass
+
     def release(self, session: FakeSession) -> None:
         # As UpstreamConnector: a clean session is kept for the next transaction, any other closed.
         if session.usable and not session.in_transaction:

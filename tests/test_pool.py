@@ -5,7 +5,7 @@ from __future__ import annotations
 import smtplib
 
 from conftest import ProxyFactory, SmarthostFactory
-from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, Recorder, RawClient, auth_plain_line, smarthost_upstream, wait_for
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, RawClient, Recorder, auth_plain_line, smarthost_upstream, wait_for
 
 
 def send(proxy: Proxy, pki: PKI, subject: str) -> tuple[int, bytes]:
@@ -34,6 +34,13 @@ def transaction(proxy: Proxy, subject: str = "x", mail_reply: bytes = b"250 2.0.
     assert raw.command(f"Subject: {subject}\r\n\r\nhi\r\n.".encode()) == b"250 2.0.0 Ok: queued as REC1\r\n"
     raw.command(b"QUIT")
     raw.close()
+
+
+def send_one(raw: RawClient) -> None:
+    assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
+    raw.command(b"RCPT TO:<bob@example.net>")
+    raw.command(b"DATA")
+    assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
 
 
 def pooled_recorder(recorder: Recorder, extra: str = "") -> str:
@@ -105,10 +112,7 @@ def test_a_client_holds_no_upstream_session_between_messages(make_proxy: ProxyFa
     proxy = make_proxy(pooled_recorder(recorder))
     first, second = logged_in(proxy), logged_in(proxy)
     for raw in (first, second, first):
-        assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
-        raw.command(b"RCPT TO:<bob@example.net>")
-        raw.command(b"DATA")
-        assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+        send_one(raw)
     assert len(recorder.sessions) == 1 and len(recorder.bodies) == 3
     first.close()
     second.close()
@@ -118,13 +122,33 @@ def test_a_clients_next_message_takes_its_own_session_back_without_rset(make_pro
     proxy = make_proxy(pooled_recorder(recorder))
     raw = logged_in(proxy)
     for _ in range(2):
-        raw.command(b"MAIL FROM:<app1@example.org>")
-        raw.command(b"RCPT TO:<bob@example.net>")
-        raw.command(b"DATA")
-        assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+        send_one(raw)
     raw.close()
     commands = [c.split(b" ")[0].split(b":")[0] for c in recorder.commands]
     assert commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA"]
+
+
+def test_connected_clients_keep_their_sessions_beyond_pool_size(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+    """pool_size (2 here) bounds the sessions kept for whoever comes next; each connected client's
+    session waits for its next message, then the extra ones close once their clients are gone."""
+    proxy = make_proxy(pooled_recorder(recorder))
+    clients = [logged_in(proxy) for _ in range(3)]
+    # Three transactions at once need three sessions.
+    for raw in clients:
+        assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
+    for raw in clients:
+        raw.command(b"RCPT TO:<bob@example.net>")
+        raw.command(b"DATA")
+        assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
+    for raw in clients:
+        send_one(raw)
+    assert len(recorder.sessions) == 3 and recorder.closed == 0
+    assert b"RSET" not in recorder.data
+    for raw in clients:
+        raw.command(b"QUIT")
+        raw.close()
+    wait_for(lambda: recorder.closed == 1)
+    assert bytes(recorder.sessions[0]).endswith(b"QUIT\r\n")
 
 
 def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> None:
