@@ -102,7 +102,7 @@ class UpstreamConfig:
     """Further hosts after ``host``/``port`` (from ``hosts = [...]``), tried in order."""
     envelope_from: str | None = None
     header_from: str | None = None
-    pool_size: int = 4
+    pool_size: int = 32
     """Authenticated sessions kept open for the next transaction of any client of this upstream."""
     pool_idle_timeout: float = 30.0
 
@@ -772,7 +772,7 @@ def _read_upstream(
         fallbacks=fallbacks,
         envelope_from=_read_envelope_from(table),
         header_from=_read_header_from(table),
-        pool_size=table.integer("pool_size", UpstreamConfig.pool_size, "write a number of sessions such as 4 (0 keeps none)", low=0, high=1000),
+        pool_size=table.integer("pool_size", UpstreamConfig.pool_size, "write a number of sessions such as 32 (0 keeps none)", low=0, high=1000),
         pool_idle_timeout=table.seconds("pool_idle_timeout", UpstreamConfig.pool_idle_timeout),
     )
 
