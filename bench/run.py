@@ -337,31 +337,32 @@ def durations(env: Env) -> float:
 
 
 def rounds(env: Env) -> int:
-    """Rate scenarios alternate relayproxy and direct rounds and keep each one's median round: the
-    speed of a shared VM drifts by 20-40 % over minutes, which one round of each would put in the ratio."""
+    """Rate scenarios run relayproxy and direct in alternating rounds and show the round whose ratio is
+    the median: a shared VM's speed drifts by 20-40 % over minutes, and the two measurements of one
+    round, taken one after the other, share most of that drift."""
     return 1 if env.quick else 3
 
 
 def rated(env: Env, sc: Scenario, unit: str, config: Callable[[], LoadConfig]) -> None:
     """Measure every target of a rate scenario; relayproxy and direct in alternating rounds."""
-    measured: dict[str, list[Row]] = {}
-    targets = targets_for(env, sc.key)
-    for _ in range(rounds(env)):
-        for target in ("relayproxy", "direct"):
-            measured.setdefault(target, []).append(measure(env, sc.key, target, config()))
-    for target in targets:
-        if target not in measured:
-            measured[target] = [measure(env, sc.key, target, config())]
-        sc.rows.append(median_round(measured[target]))
-    if rounds(env) > 1:
-        sc.notes.append("Rounds (" + unit + "): " + "; ".join(
-            f"{target} " + ", ".join(fmt(r.rate) for r in measured[target]) for target in ("relayproxy", "direct")
-        ) + ". Each row is its target's median round.")
+    pairs = [(measure(env, sc.key, "relayproxy", config()), measure(env, sc.key, "direct", config())) for _ in range(rounds(env))]
+    proxy, direct = median_pair(pairs)
+    sc.rows += [proxy, direct]
+    if "aiosmtpd" in targets_for(env, sc.key):
+        sc.rows.append(measure(env, sc.key, "aiosmtpd", config()))
+    if len(pairs) > 1:
+        sc.notes.append(f"Rounds (relayproxy / direct {unit}): " + "; ".join(
+            f"{fmt(p.rate)} / {fmt(d.rate)} = {fmt(round_ratio(p, d), 2)}x" for p, d in pairs
+        ) + ". The rows above are the round with the median ratio.")
 
 
-def median_round(rows: list[Row]) -> Row:
-    done = sorted((r for r in rows if r.rate is not None), key=lambda r: r.rate or 0.0)
-    return done[len(done) // 2] if done else rows[0]
+def round_ratio(proxy: Row, direct: Row) -> float | None:
+    return proxy.rate / direct.rate if proxy.rate is not None and direct.rate else None
+
+
+def median_pair(pairs: list[tuple[Row, Row]]) -> tuple[Row, Row]:
+    done = sorted((pair for pair in pairs if round_ratio(*pair) is not None), key=lambda pair: round_ratio(*pair) or 0.0)
+    return done[len(done) // 2] if done else pairs[0]
 
 
 def grace(env: Env) -> float:
