@@ -811,8 +811,9 @@ class SMTPServerProtocol(Protocol):
             raise
         finally:
             self._awaiting_verdict = False
-        # Back to the pool now, not at QUIT: between its messages a client holds no upstream session
-        # (nor one of the provider's connection slots), and concurrent clients share fewer of them.
+        # Back to the pool at the verdict, not at QUIT: the session waits there for this client's
+        # next message, and another client needing one meanwhile takes it instead of opening a
+        # new connection to the provider.
         self._drop_upstream(in_data=False)
         self._log_message(envelope, decoder, reply, "relayed" if reply.is_positive else "refused by upstream")
         self._reply(reply)
