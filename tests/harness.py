@@ -7,6 +7,7 @@ synchronous code that talks to it over real sockets (smtplib, raw sockets, swaks
 from __future__ import annotations
 
 import base64
+import random
 import smtplib
 import socket
 import ssl
@@ -33,10 +34,35 @@ UPSTREAM_USER = "central@example.com"
 UPSTREAM_PASSWORD = "central-secret"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port for a test to listen on, below the kernel's ephemeral range and never handed out before.
+
+    A port from bind(0) is free only until the kernel gives the same number to an outgoing
+    connection (a client, the proxy's upstream), which then makes listening on it fail.
+    """
+    rng = random.Random()
+    while True:
+        port = rng.randrange(10_000, _EPHEMERAL_LOW)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 _reactor_thread: threading.Thread | None = None
