@@ -3,9 +3,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
+from twisted.logger import formatEvent, globalLogPublisher
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -82,3 +84,25 @@ def make_proxy(tmp_path: Path, pki: PKI) -> Iterator[ProxyFactory]:
     yield make
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """Every log event the in-process proxy publishes while the test runs (see harness.fields_of)."""
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """The same events as text, as a log reader sees them."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    yield lines
+    globalLogPublisher.removeObserver(observe)

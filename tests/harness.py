@@ -77,6 +77,11 @@ def ensure_reactor() -> None:
         _reactor_thread.start()
 
 
+def fields_of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The fields of each ``name`` event (EventLog's), from the conftest ``events`` fixture."""
+    return [dict(e["relayproxy_fields"]) for e in list(events) if e.get("relayproxy_event") == name]
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll for an event another thread causes (the reactor or a server thread)."""
     deadline = time.monotonic() + timeout

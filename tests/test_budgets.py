@@ -22,7 +22,6 @@ from conftest import ProxyFactory
 from harness import (
     CLIENT_PASSWORD, CLIENT_USER, Proxy, RawClient, Recorder, auth_plain_line, free_port, recorder_upstream, wait_for,
 )
-from twisted.logger import formatEvent, globalLogPublisher
 
 from relayproxy.smtp.reply import Catalogue
 
@@ -173,18 +172,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def two_proxies(make_proxy: ProxyFactory, recorder: Recorder, extra: str) -> tuple[Proxy, Proxy]:

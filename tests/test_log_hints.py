@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from conftest import ProxyFactory, SmarthostFactory
-from harness import PKI, smarthost_upstream, wait_for, login
-from twisted.logger import globalLogPublisher
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
-
-
-def fields_of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [dict(e["relayproxy_fields"]) for e in events if e.get("relayproxy_event") == name]
+from harness import PKI, fields_of, login, smarthost_upstream, wait_for
 
 
 def test_upstream_535_blames_the_proxys_credentials(

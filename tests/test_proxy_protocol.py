@@ -27,6 +27,7 @@ from harness import (
     Proxy,
     Recorder,
     auth_plain_line,
+    fields_of,
     free_port,
     recorder_upstream,
     start_proxy,
@@ -34,7 +35,6 @@ from harness import (
     wait_listening,
     write_config,
 )
-from twisted.logger import globalLogPublisher
 
 from adversarial.clients import Client
 from relayproxy import proxyprotocol
@@ -130,18 +130,6 @@ class Behind:
 
 
 Launch = Callable[..., Behind]
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
-
-
-def fields_of(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [dict(e["relayproxy_fields"]) for e in list(events) if e.get("relayproxy_event") == name]
 
 
 @pytest.fixture

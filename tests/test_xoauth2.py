@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 from conftest import ProxyFactory, SmarthostFactory
 from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, UPSTREAM_USER, Proxy, Smarthost
 from test_oauth import REFRESH_TOKEN, Provider, provider, token_answer  # noqa: F401  (fixture)
-from twisted.logger import globalLogPublisher, formatEvent
 
 CLIENT_SECRET = "client-secret-for-xoauth2"
 
@@ -45,18 +41,6 @@ def send(proxy: Proxy, pki: PKI) -> tuple[int, bytes]:
             return code, text
         smtp.rcpt("bob@example.net")
         return smtp.data(b"Subject: via xoauth2\r\n\r\nhi\r\n")
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def test_token_from_the_endpoint_is_used_and_cached(
