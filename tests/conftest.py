@@ -70,13 +70,23 @@ def make_smarthost(pki: PKI) -> Iterator[SmarthostFactory]:
 
 @pytest.fixture
 def make_proxy(tmp_path: Path, pki: PKI) -> Iterator[ProxyFactory]:
-    """Start a proxy from any upstream section: ``make_proxy(upstream_toml, extra=..., users=...)``."""
+    """Start a proxy: ``make_proxy(upstream_toml, server="max_recipients = 3", limits="command_timeout = 1")``.
+
+    ``server`` lines go into the [server] table write_config already has (TOML forbids a second
+    one); ``limits`` becomes a [limits] table; ``extra`` is appended verbatim.
+    """
     started: list[Proxy] = []
 
-    def make(upstream: str, extra: str = "", users: dict[str, str] | None = None) -> Proxy:
+    def make(upstream: str, server: str = "", limits: str = "", extra: str = "", users: dict[str, str] | None = None) -> Proxy:
         directory = tmp_path / f"proxy{len(started)}"
         directory.mkdir()
-        path, ports = write_config(directory, pki, upstream, users=users, extra=extra)
+        tail = (f"[limits]\n{limits}\n" if limits else "") + extra
+        path, ports = write_config(directory, pki, upstream, users=users, extra=tail)
+        if server:
+            text = path.read_text()
+            anchor = '[server]\nhostname = "relay.test"\n'
+            assert anchor in text, "write_config's [server] table changed"
+            path.write_text(text.replace(anchor, anchor + server.strip() + "\n", 1))
         running = start_proxy(path, ports)
         started.append(running)
         return running
