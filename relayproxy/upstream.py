@@ -203,7 +203,7 @@ class UpstreamConnector:
         self._factory = Factory.forProtocol(lambda: UpstreamProtocol(self.reactor))
         # One "Starting factory" log line per upstream connection is noise.
         self._factory.noisy = False
-        self._idle: list[tuple[UpstreamSession, Any]] = []
+        self._idle: list[UpstreamSession] = []
 
     async def acquire(self, client: object) -> UpstreamSession:
         """A kept session of this account if one looks alive, else a new one, for ``client``.
@@ -214,26 +214,27 @@ class UpstreamConnector:
         the client left it. Any other goes after an RSET (see UpstreamSession.mail), preferring one
         whose client has gone over one still reserved for a connected client.
         """
-        own = next((entry for entry in self._idle if entry[0].client is client), None)
-        if own is not None:
-            self._idle.remove(own)
-            own[1].cancel()
-            if own[0].usable:
-                return own[0]
-            own[0].abort()
+        own = next((session for session in self._idle if session.client is client), None)
+        if own is not None and self._take(own):
+            return own
         while self._idle:
-            entry = next((e for e in reversed(self._idle) if e[0].client is None), self._idle[-1])
-            self._idle.remove(entry)
-            session, timer = entry
-            timer.cancel()
-            if session.usable:
+            session = next((s for s in reversed(self._idle) if s.client is None), self._idle[-1])
+            if self._take(session):
                 session.owes_reset = True
                 session.client = client
                 return session
-            session.abort()
         session = await self.open()
         session.client = client
         return session
+
+    def _take(self, session: UpstreamSession) -> bool:
+        """Out of the pool; whether it is still usable (if not, it is closed)."""
+        self._idle.remove(session)
+        session.pool_timeout.stop()
+        if session.usable:
+            return True
+        session.abort()
+        return False
 
     def release(self, session: UpstreamSession) -> None:
         """Keep a clean session for the next transaction; anything doubtful is closed.
@@ -245,34 +246,36 @@ class UpstreamConnector:
         if not session.usable or session.in_transaction:
             session.close()
             return
-        timer = self.reactor.callLater(self.config.pool_idle_timeout, self._expire, session)
-        self._idle.append((session, timer))
+        session.pool_timeout.start(self.config.pool_idle_timeout)
+        self._idle.append(session)
         self._trim()
 
     def departed(self, client: object) -> None:
         """``client`` disconnected: a session kept for it is now kept for anyone."""
-        for session, _ in self._idle:
+        for session in self._idle:
             if session.client is client:
                 session.client = None
         self._trim()
 
     def _trim(self) -> None:
-        unreserved = [entry for entry in self._idle if entry[0].client is None]
-        for entry in unreserved[: max(0, len(unreserved) - self.config.pool_size)]:
-            # The longest idle go first.
-            self._idle.remove(entry)
-            entry[1].cancel()
-            entry[0].close()
+        unreserved = [session for session in self._idle if session.client is None]
+        # The longest idle go first.
+        for session in unreserved[: max(0, len(unreserved) - self.config.pool_size)]:
+            self._drop(session)
 
-    def _expire(self, session: UpstreamSession) -> None:
-        self._idle = [(s, t) for s, t in self._idle if s is not session]
+    def expire(self, session: UpstreamSession) -> None:
+        """``session`` waited in the pool for pool_idle_timeout."""
+        if session in self._idle:
+            self._drop(session)
+
+    def _drop(self, session: UpstreamSession) -> None:
+        self._idle.remove(session)
+        session.pool_timeout.cancel()
         session.close()
 
     def close_idle(self) -> None:
-        for session, timer in self._idle:
-            timer.cancel()
-            session.close()
-        self._idle = []
+        for session in list(self._idle):
+            self._drop(session)
 
     async def open(self) -> UpstreamSession:
         """Connect, greet, secure and authenticate, trying each host in order.
@@ -453,6 +456,8 @@ class UpstreamSession:
         """Handed out again by the pool: RSET goes before the next MAIL."""
         self.client: object = None
         """Whose transactions it carries (a server session); kept while it waits in the pool."""
+        self.pool_timeout = Deadline(connector.reactor, lambda: connector.expire(self))
+        """Running while the session waits in the pool."""
         self.extensions: dict[str, str] = {}
         self.broken = False
         self.in_transaction = False
