@@ -101,8 +101,7 @@ class BodyDecoder:
         # Most bodies are already what we send: CRLF line ends only, no line starting with a dot.
         # Then the chunk goes on as it is, after a few byte counts instead of six copies. The
         # holdback in feed() guarantees a chunk never ends between a CR and its LF.
-        crlf = raw.count(b"\r\n")
-        if not dot_line and not raw.startswith(b".") and raw.count(b"\n") == crlf == raw.count(b"\r"):
+        if not dot_line and not raw.startswith(b".") and raw.count(b"\n") == raw.count(b"\r\n") == raw.count(b"\r"):
             self._after_crlf = self._out_line_start = raw.endswith(b"\r\n")
             self._check_line_lengths(raw, b"\r\n")
             return b"" if self._faults else raw
