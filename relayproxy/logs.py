@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import implementer
 
-_PLAIN = re.compile(r"^[A-Za-z0-9@._:/<>+\-\[\]*#,]+$")
+_PLAIN = re.compile(r"[A-Za-z0-9@._:/<>+\-\[\]*#,]+")
 _FIELDS = "relayproxy_fields"
 _EVENT = "relayproxy_event"
 
@@ -27,7 +27,10 @@ _EVENT = "relayproxy_event"
 def _value(value: object) -> str:
     text = value if isinstance(value, str) else str(value)
     # Quoting anything unusual keeps one field from forging another (a user name " client=...").
-    return text if _PLAIN.match(text) else json.dumps(text)
+    # fullmatch, not match with "$": "$" also matches before a final newline, and "alice\n" would
+    # end the line. json.dumps escapes every control character, DEL and, being ASCII-only, the
+    # Unicode line breaks (U+0085, U+2028, U+2029), so a quoted value never spans two lines.
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
 
 
 def render(event: str, fields: Mapping[str, object]) -> str:
@@ -103,5 +106,7 @@ class JSONLinesObserver:
         failure = event.get("log_failure")
         if failure is not None:
             record["traceback"] = failure.getTraceback()
-        self._out.write(json.dumps(record) + "\n")
+        # ensure_ascii writes control characters, DEL and the Unicode line breaks as
+        # escapes, so no value, message or traceback can start a second line.
+        self._out.write(json.dumps(record, ensure_ascii=True) + "\n")
         self._out.flush()

@@ -18,8 +18,10 @@ from harness import (
     CLIENT_USER,
     PKI,
     UPSTREAM_PASSWORD,
+    RawClient,
     Smarthost,
     _listening,
+    auth_plain_line,
     smarthost_upstream,
     wait_for,
     write_config,
@@ -116,6 +118,27 @@ def test_auth_failure_log_line_matches_the_documented_fail2ban_filter(
         assert match and match.group("host") == "127.0.0.1"
         assert " user=app1 " in line
     assert "not-the-password" not in log.read_text()
+
+
+def test_a_user_name_with_a_line_break_is_logged_on_one_line(
+    twistd_proxy: tuple[int, subprocess.Popen[bytes]], pki: PKI, tmp_path: Path
+) -> None:
+    """A user name ending in a newline must not end the line: the rest would be a forged line."""
+    port, _ = twistd_proxy
+    client = RawClient(port)
+    client.reply()
+    client.command(b"EHLO client.test")
+    client.command(b"STARTTLS")
+    client.starttls(pki.client_context())
+    client.command(b"EHLO client.test")
+    assert client.command(auth_plain_line("alice\n", "not-the-password")).startswith(b"535 5.7.8")
+    client.close()
+    log = tmp_path / "twistd.log"
+    wait_for(lambda: "auth failed" in log.read_text())
+    [line] = [line for line in log.read_text().splitlines() if "auth failed" in line]
+    assert ' user="alice\\n" reason="bad credentials" session=' in line
+    # Nothing of the event went on a line of its own.
+    assert [line for line in log.read_text().splitlines() if "reason=" in line or "session=" in line] == [line]
 
 
 def test_json_log_lines(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> None:
