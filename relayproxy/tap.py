@@ -62,7 +62,17 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
 
+SERVER_TLS12_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(  # type: ignore[no-untyped-call]
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+"""TLS 1.2 suites offered to clients: forward-secret ECDHE with an AEAD cipher only (Mozilla's
+"intermediate" list without DHE). No CBC (padding oracles such as Lucky13), no RSA key exchange
+(no forward secrecy, ROBOT), no SHA1 MAC. TLS 1.3 keeps OpenSSL's suites, all of them AEAD."""
+
+
 def server_tls_options(tls: TLSConfig) -> Any:
+    """The TLS settings of every client-facing listener: STARTTLS and implicit TLS alike."""
     assert tls.certificate is not None and tls.key is not None
     chain = x509.load_pem_x509_certificates(tls.certificate.read_bytes())
     key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
@@ -72,6 +82,7 @@ def server_tls_options(tls: TLSConfig) -> Any:
         certificate=cast(Any, chain[0]),
         extraCertChain=cast(Any, chain[1:]),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=SERVER_TLS12_CIPHERS,
     )
 
 

@@ -1,8 +1,15 @@
-"""STARTTLS attacks: plaintext injected after STARTTLS, state kept across it, AUTH before TLS."""
+"""TLS attacks: plaintext injected after STARTTLS, state kept across it, AUTH before TLS, and a
+TLS 1.2 handshake pushed to weak cipher suites."""
 
 from __future__ import annotations
 
-from harness import PKI, Proxy, Recorder, free_port, recorder_upstream, wait_for, wait_listening
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+from harness import PKI, Proxy, Recorder, free_port, reactor, recorder_upstream, wait_for, wait_listening
+from twisted.internet.threads import blockingCallFromThread
 
 from relayproxy.smtp.reply import Catalogue
 
@@ -110,3 +117,67 @@ def test_auth_before_tls_on_starttls_listener(recorder: Recorder, recorder_proxy
     c.login()
     c.close()
     assert recorder.sessions == []
+
+
+# Both key types' names: a client offers only what cannot work with the other key anyway.
+CBC_SUITES = "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES256-SHA384"
+RSA_KEY_EXCHANGE = "AES128-GCM-SHA256:AES256-GCM-SHA384:AES128-SHA"
+AEAD_SUITES = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+
+
+def tls12_only(pki: PKI, suites: str) -> ssl.SSLContext:
+    context = pki.client_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(suites)
+    return context
+
+
+def tls_session(proxy: Proxy, listener: str, context: ssl.SSLContext) -> Client:
+    """A client after the TLS handshake on the STARTTLS or the implicit-TLS listener."""
+    if listener == "implicit":
+        return Client(proxy.tls_port, tls=context)
+    c = Client(proxy.port)
+    c.ehlo()
+    assert c.command(b"STARTTLS") == READY
+    c.starttls(context)
+    return c
+
+
+@pytest.fixture(params=["ECDSA", "RSA"])
+def relay_key(request: pytest.FixtureRequest, recorder_proxy: Proxy, pki: PKI, tmp_path: Path) -> str:
+    """The key type of the listeners' certificate: trustme's ECDSA one, or an RSA one put in by a reload."""
+    key_type: str = request.param
+    if key_type == "RSA":
+        leaf = pki.ca.issue_cert("relay.test", "localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+        cert, key = tmp_path / "relay-rsa.crt", tmp_path / "relay-rsa.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        text = recorder_proxy.config_path.read_text()
+        tls = text[text.index("[tls]") : text.index("[[listener]]")]
+        text = text.replace(tls, f'[tls]\ncertificate = "{cert}"\nkey = "{key}"\n\n')
+        recorder_proxy.config_path.write_text(text)
+        assert blockingCallFromThread(reactor, recorder_proxy.service.reload)
+    return key_type
+
+
+@pytest.mark.parametrize("listener", ["starttls", "implicit"])
+def test_tls12_with_cbc_suites_or_rsa_key_exchange_is_refused(recorder_proxy: Proxy, pki: PKI, relay_key: str, listener: str) -> None:
+    """Attack: a TLS 1.2 client (or a man in the middle editing its ClientHello) offering only CBC
+    suites (padding oracles, SHA1 MACs) or RSA key exchange (no forward secrecy, ROBOT)."""
+    for suites in (CBC_SUITES, RSA_KEY_EXCHANGE):
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            tls_session(recorder_proxy, listener, tls12_only(pki, suites))
+
+
+@pytest.mark.parametrize("listener", ["starttls", "implicit"])
+def test_tls12_with_ecdhe_and_aes_gcm_and_tls13_are_accepted(recorder_proxy: Proxy, pki: PKI, relay_key: str, listener: str) -> None:
+    c = tls_session(recorder_proxy, listener, tls12_only(pki, AEAD_SUITES))
+    assert (c.sock.version(), c.sock.cipher()[0]) == ("TLSv1.2", f"ECDHE-{relay_key}-AES128-GCM-SHA256")
+    assert c.command(b"NOOP") == expect(Catalogue.OK, b"250 2.0.0")
+    c.close()
+    tls13 = pki.client_context()
+    tls13.minimum_version = ssl.TLSVersion.TLSv1_3
+    c = tls_session(recorder_proxy, listener, tls13)
+    assert c.sock.version() == "TLSv1.3"
+    assert c.command(b"NOOP") == expect(Catalogue.OK, b"250 2.0.0")
+    c.close()
