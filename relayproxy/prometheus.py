@@ -15,13 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from relayproxy.listening import ListenerService
 from relayproxy.metrics import AuthOutcome, MessageOutcome, UpstreamPhase
 
 # From a loopback smarthost's reply (5 ms) to a provider that ponders a large body (60 s).
@@ -151,7 +152,7 @@ class QuietSite(Site):
         pass
 
 
-class MetricsService(StreamServerEndpointService):
+class MetricsService(ListenerService):
     """Serves the metrics site; on stop it keeps serving until ``until()`` fires.
 
     ``until`` is the end of the relay's shutdown drain, so that ``/healthz`` answers 503 (and
@@ -159,8 +160,8 @@ class MetricsService(StreamServerEndpointService):
     vanishing at the first moment of the shutdown.
     """
 
-    def __init__(self, endpoint: Any, site: Site, until: Callable[[], defer.Deferred[Any]]) -> None:
-        super().__init__(endpoint, site)  # type: ignore[no-untyped-call]
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint, site: Site, until: Callable[[], defer.Deferred[Any]]) -> None:
+        super().__init__(description, endpoint, site)
         self._until = until
 
     def stopService(self) -> defer.Deferred[None]:
@@ -177,4 +178,4 @@ def metrics_service(
 ) -> MetricsService:
     """A service serving ``metrics`` over HTTP on the Twisted server endpoint string ``endpoint``."""
     site = QuietSite(MetricsResource(metrics, healthy))  # type: ignore[no-untyped-call]
-    return MetricsService(serverFromString(reactor, endpoint), site, until)  # type: ignore[no-untyped-call]
+    return MetricsService(endpoint, serverFromString(reactor, endpoint), site, until)  # type: ignore[no-untyped-call]

@@ -20,7 +20,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
@@ -30,6 +29,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from relayproxy.listening import ListenerService
 from relayproxy.logs import EventLog
 
 log = EventLog("relayproxy.proxyprotocol")
@@ -265,10 +265,11 @@ class ProxyHeaderFactory(WrappingFactory[ProxyHeaderProtocol]):
         super().doStop()  # type: ignore[no-untyped-call]
 
 
-def listener_service(endpoint: str, factory: IProtocolFactory, reactor: Any) -> StreamServerEndpointService:
+def listener_service(endpoint: str, factory: IProtocolFactory, reactor: Any) -> ListenerService:
     """The service listening on a [[listener]] endpoint; ``haproxy:INNER`` listens on INNER and
     wraps ``factory`` (already TLS-wrapped for implicit TLS) in the PROXY header reader."""
+    inner = endpoint
     if endpoint[: len(ENDPOINT_PREFIX)].lower() == ENDPOINT_PREFIX:
-        endpoint = endpoint[len(ENDPOINT_PREFIX) :]
+        inner = endpoint[len(ENDPOINT_PREFIX) :]
         factory = ProxyHeaderFactory(factory, reactor)
-    return StreamServerEndpointService(serverFromString(reactor, endpoint), factory)  # type: ignore[no-untyped-call]
+    return ListenerService(endpoint, serverFromString(reactor, inner), factory)  # type: ignore[no-untyped-call]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from relayproxy.config import Config, ListenerConfig, TLSConfig, load_config
 from relayproxy.credentials import make_portal
 from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter
+from relayproxy.listening import CannotListen, ListenerService, bind_all
 from relayproxy.logs import EventLog, FirstSeen, JSONLinesObserver
 from relayproxy.metrics import Metrics, NullMetrics
 from relayproxy.prometheus import PrometheusMetrics, metrics_service
@@ -46,7 +48,8 @@ class Options(usage.Options):
         "`relayproxy passwd`), and each message is relayed, streaming, to the app's upstream "
         "smarthost with the provider credentials that only the proxy holds. The upstream's "
         "verdict is the app's verdict. Every key of the config file is documented in "
-        "etc/relayproxy.toml. A bad config prints one line per problem and exits with status 2."
+        "etc/relayproxy.toml. A bad config prints one line per problem and exits with status 2; "
+        "a listener that cannot bind prints one line and exits with status 1, nothing served."
     )
     optParameters = [
         ["config", "c", DEFAULT_CONFIG, "The TOML configuration file."],
@@ -97,11 +100,40 @@ class ReloadableServerTLS:
         return SSL.Connection(self.current.getContext(), None)
 
 
+class StartupFailed(SystemExit, Exception):
+    """Start-up stopped before anything was served: exit status 1, no traceback.
+
+    An Exception too, so that twistd's start-up catches it, removes the pid file and tells a
+    daemon's parent, which prints it and exits 1 (on a bare SystemExit that parent waits for
+    ever). Re-raised by twistd, it is a SystemExit: Python exits with ``code``, no traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class _Listener:
+    """One [[listener]]: its configuration, the factory its sessions share, the service that listens."""
+
+    config: ListenerConfig
+    factory: SMTPServerFactory
+    service: ListenerService
+
+
+Shared = tuple[Portal, dict[str, UpstreamConnector]]
+
+
 class RelayService(MultiService):
     """All listeners of one configuration; SIGHUP re-reads it without dropping a session.
 
     Sessions keep the settings they started with; sessions accepted after a reload get the new
-    users, upstreams, limits and certificate. Listeners themselves need a restart to change.
+    users, upstreams, limits, certificate and listeners. Every listener is bound before any
+    serves: one that cannot bind stops the start-up, or refuses the reload, as a whole.
     """
 
     def __init__(self, config: Config, reactor: Any, load: Callable[[], Config]) -> None:
@@ -122,29 +154,30 @@ class RelayService(MultiService):
         # "auth ok" for a user and address once an hour: an app logging in all day is not news.
         self._logins = FirstSeen(reactor, 3600)
         self._connectors: dict[str, UpstreamConnector] = {}
-        self._factories: list[SMTPServerFactory] = []
         shared = self._shared(config)
-        for listener in config.listeners:
-            server_factory = SMTPServerFactory(self._settings(config, listener, shared))
-            self._factories.append(server_factory)
-            factory: IProtocolFactory = server_factory
-            if listener.tls == "implicit":
-                assert self._tls is not None, "load_config requires [tls] for TLS listeners"
-                factory = TLSMemoryBIOFactory(self._tls, False, factory)
-            # haproxy:INNER: the PROXY header reader wraps the (TLS-wrapped) factory, outermost.
-            listener_service(listener.endpoint, factory, reactor).setServiceParent(self)  # type: ignore[no-untyped-call]
+        self._connectors = shared[1]
+        self._listeners = [self._listener(config, listener, shared, self._tls) for listener in config.listeners]
+        for listener in self._listeners:
+            listener.service.setServiceParent(self)  # type: ignore[no-untyped-call]
+        # The factories of listeners a reload removed, while they still have sessions to drain.
+        self._retired: list[SMTPServerFactory] = []
         if prometheus is not None and config.metrics_endpoint:
             # Serves on through the shutdown drain, /healthz answering 503, then stops.
             metrics_service(
                 reactor, config.metrics_endpoint, prometheus, self.healthy,
-                until=lambda: defer.gatherResults([f.when_empty() for f in self._factories]),
+                until=lambda: defer.gatherResults([f.when_empty() for f in self._factories()]),
             ).setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def healthy(self) -> bool:
         """Is the service running with every child service (each listener) running?"""
         return bool(self.running) and all(child.running for child in self)
 
-    def _shared(self, config: Config) -> tuple[Portal, dict[str, UpstreamConnector]]:
+    def _factories(self) -> list[SMTPServerFactory]:
+        """Every factory that may have sessions: the listeners', and those of removed listeners."""
+        return [listener.factory for listener in self._listeners] + self._retired
+
+    def _shared(self, config: Config) -> Shared:
+        """The portal and the upstream connectors for ``config``; nothing in force changes yet."""
         portal = make_portal(config, lambda f: threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f))
         connectors = {}
         for name, upstream in config.upstreams.items():
@@ -154,10 +187,9 @@ class RelayService(MultiService):
                 old if old is not None and old.config == upstream
                 else UpstreamConnector(self._reactor, upstream, config.server.hostname, self.metrics)
             )
-        self._connectors = connectors
         return portal, connectors
 
-    def _settings(self, config: Config, listener: ListenerConfig, shared: tuple[Portal, dict[str, UpstreamConnector]]) -> ServerSettings:
+    def _settings(self, config: Config, listener: ListenerConfig, shared: Shared, tls: ReloadableServerTLS | None) -> ServerSettings:
         portal, connectors = shared
         return ServerSettings(
             server=config.server,
@@ -165,7 +197,7 @@ class RelayService(MultiService):
             limits=config.limits,
             portal=portal,
             connectors=connectors,
-            tls_options=self._tls,
+            tls_options=tls,
             clock=self._reactor,
             throttle=self._throttle,
             connections=self._connections,
@@ -174,15 +206,49 @@ class RelayService(MultiService):
             logins=self._logins,
         )
 
+    def _listener(self, config: Config, listener: ListenerConfig, shared: Shared, tls: ReloadableServerTLS | None) -> _Listener:
+        """A listener's factory and service, not bound yet."""
+        server_factory = SMTPServerFactory(self._settings(config, listener, shared, tls))
+        factory: IProtocolFactory = server_factory
+        if listener.tls == "implicit":
+            assert tls is not None, "load_config requires [tls] for TLS listeners"
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        # haproxy:INNER: the PROXY header reader wraps the (TLS-wrapped) factory, outermost.
+        return _Listener(listener, server_factory, listener_service(listener.endpoint, factory, self._reactor))
+
+    def _bind(self) -> None:
+        bind_all(child for child in self if isinstance(child, ListenerService))
+
+    def privilegedStartService(self) -> None:
+        """twistd's first step, before it sheds privileges (so that ports below 1024 bind) and
+        before the reactor runs: bind every listener, the metrics server's too. One that cannot
+        bind ends the process with status 1 and one line naming its endpoint and the system's
+        error; the others were unbound again and no connection was served."""
+        try:
+            self._bind()
+        except CannotListen as e:
+            log.error("cannot listen", endpoint=e.endpoint, error=e.reason)
+            # Also to fd 2, the terminal or journal that started the proxy, as configuration
+            # errors are: twistd has pointed sys.stderr at its log by now.
+            os.write(2, f"relayproxy: {e}\n".encode())
+            raise StartupFailed(str(e)) from None
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+
+    def startService(self) -> None:
+        # Started without privilegedStartService (in-process, as the tests do): the same bind of
+        # all listeners or none, raising CannotListen.
+        self._bind()
+        super().startService()  # type: ignore[no-untyped-call]
+
     def stopService(self) -> defer.Deferred[object]:
         """Stop accepting; idle sessions get 421 4.3.2 now, the others when their transaction ends
         or when ``shutdown_grace`` runs out (a message already handed over still gets its verdict)."""
         stopped = super().stopService()  # type: ignore[no-untyped-call]
-        sessions = [session for factory in self._factories for session in list(factory.sessions)]
+        sessions = [session for factory in self._factories() for session in list(factory.sessions)]
         for session in sessions:
             session.drain()
         deadline = self._reactor.callLater(self.config.server.shutdown_grace, self._force_close)
-        drained = defer.gatherResults([factory.when_empty() for factory in self._factories])
+        drained = defer.gatherResults([factory.when_empty() for factory in self._factories()])
 
         def done(result: object) -> object:
             if deadline.active():
@@ -195,7 +261,7 @@ class RelayService(MultiService):
         return defer.gatherResults([defer.maybeDeferred(lambda: stopped), drained]).addBoth(done)
 
     def _force_close(self) -> None:
-        for factory in self._factories:
+        for factory in self._factories():
             for session in list(factory.sessions):
                 session.force_close()
 
@@ -209,20 +275,25 @@ class RelayService(MultiService):
         """Python runs signal handlers between bytecodes; the reload itself runs in the reactor."""
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
 
+    def _refuse(self, problems: list[str]) -> bool:
+        for problem in problems:
+            log.error("reload refused", problem=problem)
+        log.error("reload failed, keeping the running configuration", path=str(self.config.path))
+        return False
+
     def reload(self) -> bool:
-        """Apply the configuration file as it is now; on any problem keep the running one."""
+        """Apply the configuration file as it is now; on any problem keep the running one.
+
+        A listener is known by its endpoint string: one whose endpoint stays keeps its socket and
+        its sessions and takes the new settings; a new one is bound before anything changes; a
+        removed one stops accepting while its sessions finish.
+        """
         try:
             new = self._load()
             tls = server_tls_options(new.tls) if new.tls.certificate else None
         except (ConfigError, OSError, ValueError) as e:
             # A file can change between the check and the read of the certificate.
-            for problem in e.problems if isinstance(e, ConfigError) else [f"{self.config.path}: {e}"]:
-                log.error("reload refused", problem=problem)
-            log.error("reload failed, keeping the running configuration", path=str(self.config.path))
-            return False
-        if new.listeners != self.config.listeners:
-            log.warn("reload: [[listener]] changes take effect only after a restart")
-            new = replace(new, listeners=self.config.listeners)
+            return self._refuse(e.problems if isinstance(e, ConfigError) else [f"{self.config.path}: {e}"])
         if new.metrics_endpoint != self.config.metrics_endpoint:
             log.warn("reload: [metrics] changes take effect only after a restart")
             new = replace(new, metrics_endpoint=self.config.metrics_endpoint)
@@ -231,14 +302,46 @@ class RelayService(MultiService):
             new = replace(new, limits=replace(new.limits, store=self.config.limits.store))
         if new.log_format != self.config.log_format:
             log.warn("reload: [log] format changes take effect only after a restart")
-        if tls is not None and self._tls is not None:
-            self._tls.current = tls
+        # The first [tls] of a proxy that had none (its first TLS listener) is a new object.
+        server_tls = self._tls or (ReloadableServerTLS(tls) if tls is not None else None)
+        shared = self._shared(new)
+        unclaimed = {listener.config.endpoint: listener for listener in self._listeners}
+        plan: list[tuple[_Listener, ListenerConfig]] = []
+        added: list[_Listener] = []
+        for wanted in new.listeners:
+            kept = unclaimed.pop(wanted.endpoint, None)
+            if kept is None:
+                kept = self._listener(new, wanted, shared, server_tls)
+                added.append(kept)
+            elif (kept.config.tls == "implicit") != (wanted.tls == "implicit"):
+                # The socket's factory is TLS-wrapped or not from the moment it listens.
+                log.warn('reload: a change to or from tls = "implicit" takes effect only after a restart', endpoint=wanted.endpoint)
+                wanted = replace(wanted, tls=kept.config.tls)
+            plan.append((kept, wanted))
+        try:
+            bind_all(listener.service for listener in added)
+        except CannotListen as e:
+            return self._refuse([f"{new.path}: {e}"])
+        # Bound: from here on nothing can fail, and the new configuration is in force.
+        if server_tls is not None and tls is not None:
+            server_tls.current = tls
+        self._tls = server_tls
         self._throttle.update(new.limits)
         self._connections.update(new.limits)
-        shared = self._shared(new)
-        for factory, listener in zip(self._factories, new.listeners):
-            factory.settings = self._settings(new, listener, shared)
-        self.config = new
+        self._connectors = shared[1]
+        for listener, wanted in plan:
+            listener.config = wanted
+            listener.factory.settings = self._settings(new, wanted, shared, server_tls)
+        removed = list(unclaimed.values())
+        self._retired = [factory for factory in self._retired if factory.sessions] + [listener.factory for listener in removed]
+        for listener in removed:
+            listener.service.disownServiceParent()  # type: ignore[no-untyped-call]
+            log.info("reload: listener removed", endpoint=listener.config.endpoint)
+        for listener in added:
+            listener.service.setServiceParent(self)  # type: ignore[no-untyped-call]
+            log.info("reload: listener added", endpoint=listener.config.endpoint)
+        self._listeners = [listener for listener, _ in plan]
+        self.config = replace(new, listeners=tuple(wanted for _, wanted in plan))
         log.info("reload: configuration applied", path=str(new.path))
         return True
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import smtplib
+import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import (
@@ -14,9 +18,12 @@ from harness import (
     CLIENT_USER,
     PKI,
     Proxy,
+    RawClient,
     Smarthost,
     reactor,
     _listening,
+    fields_of,
+    free_port,
     smarthost_upstream,
     start_proxy,
     wait_for,
@@ -140,3 +147,101 @@ def test_reload_adds_and_removes_users(proxy: Proxy, pki: PKI) -> None:
     login(proxy.port, pki, "app2", "app2-password").quit()
     refused = refused_login(proxy.port, pki)
     assert refused.smtp_code == 535
+
+
+IN_USE = f"[Errno {errno.EADDRINUSE}] {os.strerror(errno.EADDRINUSE)}"
+
+
+def listener(endpoint: str, tls: str) -> str:
+    return f'[[listener]]\nendpoint = "{endpoint}"\ntls = "{tls}"\n'
+
+
+def written_listener(port: int, tls: str) -> str:
+    """A listener's block as write_config wrote it."""
+    return listener(f"tcp:{port}:interface=127.0.0.1:backlog=1024", tls)
+
+
+def greeting(port: int, pki: PKI | None = None) -> bytes:
+    client = RawClient(port, pki.client_context() if pki else None)
+    try:
+        return client.reply()
+    finally:
+        client.close()
+
+
+def test_reload_adds_and_removes_listeners(proxy: Proxy, pki: PKI, events: list[dict[str, Any]]) -> None:
+    on_removed = RawClient(proxy.plain_port)
+    on_removed.reply()
+    new_port = free_port()
+    new_endpoint = f"tcp:{new_port}:interface=127.0.0.1"
+    text = proxy.config_path.read_text()
+    proxy.config_path.write_text(text.replace(written_listener(proxy.plain_port, "none"), listener(new_endpoint, "none")))
+    assert reload(proxy)
+    assert greeting(new_port).startswith(b"220 relay.test ESMTP")
+    wait_for(lambda: not _listening(proxy.plain_port))
+    # A session the removed listener accepted carries on to its end.
+    assert on_removed.command(b"EHLO client.test").startswith(b"250-relay.test")
+    assert on_removed.command(b"QUIT").startswith(b"221")
+    on_removed.close()
+    assert [f["endpoint"] for f in fields_of(events, "reload: listener added")] == [new_endpoint]
+    assert [f["endpoint"] for f in fields_of(events, "reload: listener removed")] == [
+        f"tcp:{proxy.plain_port}:interface=127.0.0.1:backlog=1024"
+    ]
+    # The listeners whose endpoint stayed kept their sockets.
+    assert greeting(proxy.port).startswith(b"220 ") and greeting(proxy.tls_port, pki).startswith(b"220 ")
+
+
+def test_a_reload_whose_new_listener_cannot_bind_changes_nothing(proxy: Proxy, pki: PKI, events: list[dict[str, Any]]) -> None:
+    port = free_port()
+    endpoint = f"tcp:{port}:interface=127.0.0.1"
+    rules = f'\n[users.{CLIENT_USER}]\nallowed_senders = ["@only.example"]\n'
+    with socket.create_server(("127.0.0.1", port)):
+        proxy.config_path.write_text(proxy.config_path.read_text() + rules + listener(endpoint, "starttls"))
+        assert not reload(proxy)
+    assert [f["problem"] for f in fields_of(events, "reload refused")] == [f"{proxy.config_path}: cannot listen on {endpoint}: {IN_USE}"]
+    # Refused as a whole: not the new user rules either, and the port stays unused.
+    with login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD) as smtp:
+        assert smtp.mail("app1@example.org") == (250, b"2.1.0 OK")
+    assert not _listening(port)
+
+
+def test_a_change_to_implicit_tls_of_a_running_listener_waits_for_a_restart(proxy: Proxy, pki: PKI, events: list[dict[str, Any]]) -> None:
+    text = proxy.config_path.read_text()
+    proxy.config_path.write_text(text.replace(written_listener(proxy.port, "starttls"), written_listener(proxy.port, "implicit")))
+    assert reload(proxy)
+    assert [f["endpoint"] for f in fields_of(events, 'reload: a change to or from tls = "implicit" takes effect only after a restart')] == [
+        f"tcp:{proxy.port}:interface=127.0.0.1:backlog=1024"
+    ]
+    login(proxy.port, pki, CLIENT_USER, CLIENT_PASSWORD).quit()
+
+
+def test_sighup_with_a_listener_that_cannot_bind_is_refused_and_the_old_listeners_serve(
+    tmp_path: Path, pki: PKI, smarthost: Smarthost
+) -> None:
+    path, ports = write_config(tmp_path, pki, smarthost_upstream(smarthost, pki))
+    log = tmp_path / "twistd.log"
+    proc = subprocess.Popen(
+        [*twistd(), "-n", "--pidfile=", "--logfile", str(log), "relayproxy", "--config", str(path)],
+        env=environment(), cwd=tmp_path,
+    )
+    try:
+        wait_for(lambda: proc.poll() is not None or all(_listening(p) for p in ports), timeout=30)
+        port = free_port()
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        with socket.create_server(("127.0.0.1", port)):
+            path.write_text(path.read_text() + listener(endpoint, "starttls"))
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: "reload failed, keeping the running configuration" in log.read_text())
+        assert f'reload refused problem="{path}: cannot listen on {endpoint}: {IN_USE}"' in log.read_text()
+        assert proc.poll() is None
+        assert greeting(ports[0]).startswith(b"220 relay.test ESMTP")
+        assert greeting(ports[1], pki).startswith(b"220 relay.test ESMTP")
+        assert greeting(ports[2]).startswith(b"220 relay.test ESMTP")
+        # With the port free, the next SIGHUP binds it.
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload: configuration applied" in log.read_text())
+        assert greeting(port).startswith(b"220 relay.test ESMTP")
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

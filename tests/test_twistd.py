@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import smtplib
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +22,12 @@ from harness import (
     PKI,
     UPSTREAM_PASSWORD,
     RawClient,
+    Recorder,
     Smarthost,
     _listening,
     auth_plain_line,
+    free_port,
+    recorder_upstream,
     smarthost_upstream,
     wait_for,
     write_config,
@@ -85,6 +91,38 @@ def test_broken_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert f"{config}: server.port_typo: unknown key" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("interface", "error"),
+    [
+        # A port a socket of the test already listens on.
+        ("127.0.0.1", errno.EADDRINUSE),
+        # 192.0.2.0/24 is TEST-NET-1, never a local address: binding fails, no packet is sent.
+        ("192.0.2.1", errno.EADDRNOTAVAIL),
+    ],
+)
+def test_a_listener_that_cannot_bind_stops_start_up_with_one_line(
+    tmp_path: Path, pki: PKI, recorder: Recorder, interface: str, error: int
+) -> None:
+    port = free_port()
+    endpoint = f"tcp:{port}:interface={interface}"
+    path, _ = write_config(tmp_path, pki, recorder_upstream(recorder), extra=f'[[listener]]\nendpoint = "{endpoint}"\ntls = "starttls"\n')
+    log = tmp_path / "twistd.log"
+    # Held in both cases; only the first listener asks for its address.
+    with socket.create_server(("127.0.0.1", port)):
+        started = time.monotonic()
+        result = subprocess.run(
+            [*twistd(), "-n", "--pidfile=", "--logfile", str(log), "relayproxy", "--config", str(path)],
+            env=environment(), cwd=tmp_path, capture_output=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert time.monotonic() - started < 10
+    line = f"relayproxy: cannot listen on {endpoint}: [Errno {error}] {os.strerror(error)}\n"
+    assert result.stderr.decode() == line
+    [logged] = [entry for entry in log.read_text().splitlines() if "cannot listen" in entry]
+    assert logged.endswith(f'[relayproxy.tap#error] cannot listen endpoint="{endpoint}" error="[Errno {error}] {os.strerror(error)}"')
+    assert "Traceback" not in log.read_text() and not result.stdout
 
 
 def test_help_documents_the_config_option() -> None:
