@@ -9,25 +9,24 @@ from relayproxy.config import Config
 from relayproxy.credentials import read_users_file
 from relayproxy.errors import UpstreamError
 from relayproxy.explain import upstream_failure_hint
-from relayproxy.upstream import UpstreamConnector
+from relayproxy.upstream.connector import Connector
 
 
 async def check_upstreams(config: Config, reactor: Any, say: Callable[[str], None]) -> int:
     """One line per upstream; the number of upstreams that failed."""
     failed = 0
     for name, upstream in config.upstreams.items():
-        connector = UpstreamConnector(reactor, upstream, config.server.hostname)
         where = f"{upstream.host}:{upstream.port} ({upstream.tls})"
         try:
-            session = await connector.open()
+            connection = await Connector(reactor, upstream, config.server.hostname).open()
         except UpstreamError as e:
             failed += 1
             say(f"FAIL upstream {name} {where}: {e.detail}")
             say(f"     hint: {upstream_failure_hint(e, name, upstream.host)}")
             continue
         authenticated = "authenticated as " + upstream.username if upstream.username else "no credentials sent"
-        say(f"ok   upstream {name} {where}: {session.tls_description()}; {authenticated}")
-        session.close()
+        say(f"ok   upstream {name} {where}: {connection.tls_description()}; {authenticated}")
+        connection.close()
     return failed
 
 

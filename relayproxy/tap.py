@@ -33,7 +33,7 @@ from relayproxy.prometheus import PrometheusMetrics, metrics_service
 from relayproxy.proxyprotocol import listener_service
 from relayproxy.server import ServerSettings, SMTPServerFactory
 from relayproxy.store import open_store
-from relayproxy.upstream import UpstreamConnector
+from relayproxy.upstream.smtp import SMTPUpstream
 from zope.interface import implementer
 
 log = EventLog("relayproxy.tap")
@@ -125,7 +125,7 @@ class _Listener:
     service: ListenerService
 
 
-Shared = tuple[Portal, dict[str, UpstreamConnector]]
+Shared = tuple[Portal, dict[str, SMTPUpstream]]
 
 
 class RelayService(MultiService):
@@ -153,9 +153,9 @@ class RelayService(MultiService):
         self._connections = ConnectionCounter(config.limits)
         # "auth ok" for a user and address once an hour: an app logging in all day is not news.
         self._logins = FirstSeen(reactor, 3600)
-        self._connectors: dict[str, UpstreamConnector] = {}
+        self._upstreams: dict[str, SMTPUpstream] = {}
         shared = self._shared(config)
-        self._connectors = shared[1]
+        self._upstreams = shared[1]
         self._listeners = [self._listener(config, listener, shared, self._tls) for listener in config.listeners]
         for listener in self._listeners:
             listener.service.setServiceParent(self)  # type: ignore[no-untyped-call]
@@ -177,26 +177,26 @@ class RelayService(MultiService):
         return [listener.factory for listener in self._listeners] + self._retired
 
     def _shared(self, config: Config) -> Shared:
-        """The portal and the upstream connectors for ``config``; nothing in force changes yet."""
+        """The portal and the upstreams for ``config``; nothing in force changes yet."""
         portal = make_portal(config, lambda f: threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f))
-        connectors = {}
+        upstreams = {}
         for name, upstream in config.upstreams.items():
-            old = self._connectors.get(name)
-            # An unchanged upstream keeps its connector (and so its cached tokens and TLS context).
-            connectors[name] = (
+            old = self._upstreams.get(name)
+            # An unchanged upstream is kept (and so its pool, cached tokens and TLS context).
+            upstreams[name] = (
                 old if old is not None and old.config == upstream
-                else UpstreamConnector(self._reactor, upstream, config.server.hostname, self.metrics)
+                else SMTPUpstream(self._reactor, upstream, config.server.hostname, self.metrics)
             )
-        return portal, connectors
+        return portal, upstreams
 
     def _settings(self, config: Config, listener: ListenerConfig, shared: Shared, tls: ReloadableServerTLS | None) -> ServerSettings:
-        portal, connectors = shared
+        portal, upstreams = shared
         return ServerSettings(
             server=config.server,
             listener=listener,
             limits=config.limits,
             portal=portal,
-            connectors=connectors,
+            upstreams=dict(upstreams),
             tls_options=tls,
             clock=self._reactor,
             throttle=self._throttle,
@@ -253,8 +253,8 @@ class RelayService(MultiService):
         def done(result: object) -> object:
             if deadline.active():
                 deadline.cancel()
-            for connector in self._connectors.values():
-                connector.close_idle()
+            for upstream in self._upstreams.values():
+                upstream.close_idle()
             self._store.close()
             return result
 
@@ -328,7 +328,7 @@ class RelayService(MultiService):
         self._tls = server_tls
         self._throttle.update(new.limits)
         self._connections.update(new.limits)
-        self._connectors = shared[1]
+        self._upstreams = shared[1]
         for listener, wanted in plan:
             listener.config = wanted
             listener.factory.settings = self._settings(new, wanted, shared, server_tls)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +17,11 @@ from zope.interface import implementer
 
 from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig, UpstreamConfig, UserConfig
 from relayproxy.credentials import IRelayUser, RelayUser
+from relayproxy.errors import UpstreamError
 from relayproxy.limits import AuthThrottle, ConnectionCounter
 from relayproxy.server import ServerSettings, SMTPServerProtocol
-from relayproxy.smtp.reply import Reply, parse_reply
+from relayproxy.smtp.envelope import EnvelopeCommand, Mail, Rcpt
+from relayproxy.smtp.reply import Catalogue, Reply, parse_reply
 
 HOSTNAME = "relay.test"
 USERS = {"alice": "wonderland", "bob": "builder"}
@@ -54,7 +56,7 @@ def ok(code: int = 250, text: str = "OK") -> Reply:
 
 @dataclass
 class FakeSession:
-    """Stands in for UpstreamSession: records what the server sends, answers from a script.
+    """Stands in for an UpstreamSession: records what an SMTP upstream would receive, answers from a script.
 
     With ``delayed``, every answer waits in ``pending`` until the test calls ``answer_next``.
     """
@@ -65,18 +67,13 @@ class FakeSession:
     config: UpstreamConfig = UPSTREAM
     extensions: dict[str, str] = field(default_factory=lambda: {"SIZE": "0", "8BITMIME": "", "PIPELINING": ""})
     in_transaction: bool = False
-    broken: bool = False
     aborted: bool = False
     closed: bool = False
     commands: list[bytes] = field(default_factory=list)
-    body: list[bytes] = field(default_factory=list)
+    body_parts: list[bytes] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
     connector: Any = None
-    used: bool = False
-
-    @property
-    def usable(self) -> bool:
-        return not self.broken
+    failure: UpstreamError | None = None
 
     async def _wait(self, line: bytes) -> None:
         if self.delayed:
@@ -89,45 +86,62 @@ class FakeSession:
         waiter.callback(None)
         return line
 
-    async def command(self, line: bytes, timeout: float | None = None) -> Reply:
-        self.commands.append(line)
-        await self._wait(line)
-        if self.script is not None:
-            return self.script(line)
-        if line == b"DATA":
-            return ok(354, "Go ahead")
-        return ok()
+    def _line(self, command: EnvelopeCommand) -> bytes:
+        if isinstance(command, Mail):
+            line = f"MAIL FROM:<{command.sender}>"
+            if command.size is not None and "SIZE" in self.extensions:
+                line += f" SIZE={command.size}"
+            if command.eight_bit:
+                line += " BODY=8BITMIME"
+            return line.encode()
+        if isinstance(command, Rcpt):
+            return f"RCPT TO:<{command.recipient}>".encode()
+        return b"DATA"
 
-    async def mail(self, line: bytes) -> Reply:
-        self.used = True
-        return await self.command(line)
+    async def envelope(self, commands: Sequence[EnvelopeCommand]) -> list[Reply]:
+        replies = []
+        for command in commands:
+            line = self._line(command)
+            if isinstance(command, Mail) and command.eight_bit and "8BITMIME" not in self.extensions:
+                replies.append(Catalogue.UPSTREAM_NO_8BIT)
+                continue
+            self.commands.append(line)
+            await self._wait(line)
+            if self.script is not None:
+                reply = self.script(line)
+            else:
+                reply = ok(354, "Go ahead") if line == b"DATA" else ok()
+            if isinstance(command, Mail):
+                self.in_transaction = reply.is_positive
+            replies.append(reply)
+        return replies
 
-    def supports(self, extension: str) -> bool:
-        return extension in self.extensions
+    def body(self, data: bytes) -> None:
+        self.body_parts.append(data)
 
-    def send_body(self, data: bytes) -> None:
-        self.body.append(data)
-
-    def register_producer(self, producer: Any) -> None:
+    def stream_from(self, producer: Any) -> None:
         pass
 
-    def unregister_producer(self) -> None:
-        pass
-
-    async def end_data(self, last: bytes) -> Reply:
-        self.body.append(last + b".\r\n")  # as UpstreamSession.end_data writes it
-        self.messages.append(b"".join(self.body))
-        self.body = []
+    async def end(self, last: bytes) -> Reply:
+        self.body_parts.append(last + b".\r\n")  # as the SMTP session writes it
+        self.messages.append(b"".join(self.body_parts))
+        self.body_parts = []
+        self.in_transaction = False
         await self._wait(b".")
         return ok(250, "2.0.0 queued as 42")
 
     def abort(self) -> None:
-        self.broken = True
         self.aborted = True
+        self.failure = UpstreamError(Catalogue.UPSTREAM_LOST, "aborted")
 
-    def close(self) -> None:
-        self.broken = True
-        self.closed = True
+    def release(self) -> None:
+        # As the SMTP session: a transaction still open is reset, then the session is kept.
+        if self.failure is not None:
+            return
+        if self.in_transaction:
+            self.commands.append(b"RSET")
+            self.in_transaction = False
+        self.connector.idle.append(self)
 
 
 @dataclass
@@ -137,24 +151,21 @@ class FakeConnector:
     delayed: bool = False
     idle: list[FakeSession] = field(default_factory=list)
 
-    async def open(self) -> FakeSession:
+    async def acquire(self, client: object) -> FakeSession:
+        if self.idle:
+            return self.idle.pop()
         session = FakeSession(self.script, self.delayed)
         session.connector = self
         self.sessions.append(session)
         return session
 
-    async def acquire(self, client: object) -> FakeSession:
-        return self.idle.pop() if self.idle else await self.open()
-
     def departed(self, client: object) -> None:
         pass
 
-    def release(self, session: FakeSession) -> None:
-        # As UpstreamConnector: a clean session is kept for the next transaction, any other closed.
-        if session.usable and not session.in_transaction:
-            self.idle.append(session)
-        else:
-            session.close()
+    def close_idle(self) -> None:
+        for session in self.idle:
+            session.closed = True
+        self.idle = []
 
 
 # -- the dialogue -------------------------------------------------------------------------------
@@ -193,7 +204,7 @@ class Dialogue:
             listener=ListenerConfig("tcp:2525", tls, allow_plaintext_auth),  # type: ignore[arg-type]
             limits=limits,
             portal=portal or make_portal(users),
-            connectors={"default": connector} if connector is not None else {},  # type: ignore[dict-item]
+            upstreams={"default": connector} if connector is not None else {},  # type: ignore[dict-item]
             tls_options=tls_options,
             clock=self.clock,
             throttle=throttle or AuthThrottle(self.clock, limits),

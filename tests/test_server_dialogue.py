@@ -109,7 +109,7 @@ def test_auth_before_tls_is_538(starttls: Dialogue) -> None:
     starttls.ehlo()
     for line in ("AUTH PLAIN " + plain("alice", USERS["alice"]), "AUTH LOGIN", "AUTH PLAIN"):
         assert status(starttls.command(line)) == (538, "5.7.11")
-    assert starttls.protocol._user is None
+    assert starttls.protocol.relay.user is None
 
 
 def test_starttls_without_certificate(starttls: Dialogue) -> None:
@@ -211,7 +211,7 @@ def test_auth_unknown_mechanism(e: Dialogue) -> None:
 
 def test_auth_plain_initial_response(e: Dialogue) -> None:
     assert status(e.command("AUTH PLAIN " + plain("alice", USERS["alice"]))) == (235, "2.7.0")
-    assert e.protocol._user is not None and e.protocol._user.name == "alice"
+    assert e.protocol.relay.user is not None and e.protocol.relay.user.name == "alice"
 
 
 def test_auth_plain_lowercase_mechanism(e: Dialogue) -> None:
@@ -222,7 +222,7 @@ def test_auth_plain_without_initial_response(e: Dialogue) -> None:
     e.send(b"AUTH PLAIN\r\n")
     assert e.output() == b"334 \r\n"
     assert status(e.command(plain("bob", USERS["bob"]))) == (235, "2.7.0")
-    assert e.protocol._user is not None and e.protocol._user.name == "bob"
+    assert e.protocol.relay.user is not None and e.protocol.relay.user.name == "bob"
 
 
 def test_auth_plain_own_authzid(e: Dialogue) -> None:
@@ -231,7 +231,7 @@ def test_auth_plain_own_authzid(e: Dialogue) -> None:
 
 def test_auth_plain_other_authzid(e: Dialogue) -> None:
     assert status(e.command("AUTH PLAIN " + plain("alice", USERS["alice"], authzid="bob"))) == (535, "5.7.8")
-    assert e.protocol._user is None
+    assert e.protocol.relay.user is None
 
 
 def test_auth_login(e: Dialogue) -> None:
@@ -263,7 +263,7 @@ def test_auth_cancel(e: Dialogue, prompt: str) -> None:
             e.send(b64("alice").encode() + b"\r\n")
     assert all(r.code == 334 for r in e.replies())
     assert status(e.command("*")) == (501, "5.5.2")
-    assert e.protocol._user is None
+    assert e.protocol.relay.user is None
     # The session goes on and AUTH can be tried again.
     assert e.command("AUTH PLAIN " + plain("alice", USERS["alice"])).code == 235
 
@@ -296,7 +296,7 @@ def test_auth_malformed_plain(e: Dialogue) -> None:
 )
 def test_auth_wrong_credentials(e: Dialogue, line: str) -> None:
     assert status(e.command(line)) == (535, "5.7.8")
-    assert e.protocol._user is None
+    assert e.protocol.relay.user is None
     assert status(e.command("MAIL FROM:<alice@example.com>")) == (530, "5.7.0")
 
 
@@ -309,7 +309,7 @@ def test_auth_login_wrong_password(e: Dialogue) -> None:
 def test_auth_failure_counted_and_logged_once(e: Dialogue, events: list[dict[str, Any]]) -> None:
     """One failed login is one failure and one log line (fail2ban counts the lines)."""
     assert e.command("AUTH PLAIN " + plain("alice", "wrong")).code == 535
-    assert e.protocol._auth_failures == 1
+    assert e.protocol.relay.machine._auth_failures == 1
     failures = auth_failure_events(events)
     fields = [ev["relayproxy_fields"] for ev in failures]
     assert len(fields) == 1, fields
@@ -319,7 +319,7 @@ def test_auth_failure_counted_and_logged_once(e: Dialogue, events: list[dict[str
 def test_authzid_failure_logged_once(e: Dialogue, events: list[dict[str, Any]]) -> None:
     assert e.command("AUTH PLAIN " + plain("alice", USERS["alice"], authzid="bob")).code == 535
     assert len(auth_failure_events(events)) == 1
-    assert e.protocol._auth_failures == 1
+    assert e.protocol.relay.machine._auth_failures == 1
 
 
 def test_password_not_logged(e: Dialogue, events: list[dict[str, Any]]) -> None:
@@ -332,7 +332,7 @@ def test_password_not_logged(e: Dialogue, events: list[dict[str, Any]]) -> None:
 def test_second_auth(e: Dialogue) -> None:
     e.login()
     assert status(e.command("AUTH PLAIN " + plain("bob", USERS["bob"]))) == (503, "5.5.1")
-    assert e.protocol._user is not None and e.protocol._user.name == "alice"
+    assert e.protocol.relay.user is not None and e.protocol.relay.user.name == "alice"
 
 
 def test_auth_line_too_long_at_prompt(e: Dialogue) -> None:
@@ -371,7 +371,7 @@ def test_line_limit_bytewise(e: Dialogue, length: int) -> None:
 def test_100k_without_crlf(e: Dialogue, tail: list[bytes]) -> None:
     for _ in range(100):
         e.send(b"A" * 1024)
-        assert len(e.protocol._buffer) <= MAX_COMMAND_LINE
+        assert e.protocol.relay.machine.buffered <= MAX_COMMAND_LINE
         assert e.output() == b""
     for piece in tail:
         e.send(piece)
@@ -383,7 +383,7 @@ def test_100k_without_crlf(e: Dialogue, tail: list[bytes]) -> None:
 
 def test_100k_in_one_piece(e: Dialogue) -> None:
     e.send(b"A" * 100_000)
-    assert len(e.protocol._buffer) <= MAX_COMMAND_LINE
+    assert e.protocol.relay.machine.buffered <= MAX_COMMAND_LINE
     e.send(b"\r\nNOOP\r\n")
     assert [status(r) for r in e.replies()] == [(500, "5.5.2"), (250, "2.0.0")]
 
@@ -793,7 +793,7 @@ def test_starttls_drops_pipelined_plaintext(tls: Dialogue) -> None:
     """CVE-2011-0411: commands sent with STARTTLS in plaintext must not run after the handshake."""
     tls.send(b"STARTTLS\r\nAUTH PLAIN " + plain("alice", USERS["alice"]).encode() + b"\r\nNOOP\r\n")
     assert [r.code for r in tls.replies()] == [220]
-    assert tls.protocol._user is None
+    assert tls.protocol.relay.user is None
     assert tls.ehlo().code == 250
 
 
@@ -803,7 +803,7 @@ def test_starttls_forgets_login() -> None:
     d.ehlo()
     d.login()
     assert d.command("STARTTLS").code == 220
-    assert d.protocol._user is None
+    assert d.protocol.relay.user is None
     d.ehlo()
     assert status(d.command("MAIL FROM:<alice@example.com>")) == (530, "5.7.0")
 

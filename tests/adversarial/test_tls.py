@@ -60,10 +60,10 @@ def test_starttls_forgets_auth_ehlo_and_envelope(launch: Launch, recorder: Recor
     c.login()
     assert c.command(b"RCPT TO:<bob@example.net>") == expect(Catalogue.MAIL_FIRST, b"503 5.5.1"), "envelope survived STARTTLS"
     assert c.command(b"DATA") == expect(Catalogue.MAIL_FIRST, b"503 5.5.1")
-    # The plaintext transaction's upstream session was closed without going further.
+    # The plaintext transaction was reset upstream and its session not kept for the client after TLS.
     wait_for(lambda: recorder.closed >= 1)
     first = read_wire(bytes(recorder.sessions[0]))
-    assert first.commands[1:] == [b"MAIL FROM:<app1@example.org>"]
+    assert first.commands[1:] == [b"MAIL FROM:<app1@example.org>", b"RSET", b"QUIT"]
     c.envelope()
     assert c.command(b"DATA") == b"354 go ahead\r\n"
     assert c.command(b"Subject: after TLS\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"

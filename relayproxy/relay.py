@@ -1,0 +1,532 @@
+"""One client connection's relay: carries out what its ServerSession asks for.
+
+The session machine decides the protocol; this module answers its questions with the world's
+facts (the cred portal, the AUTH throttles, allowed senders and budgets, the user's upstream) and
+keeps the records (log lines, metrics). The Twisted protocol in relayproxy.server only moves bytes
+and runs the timers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
+from relayproxy.credentials import IRelayUser, RelayUser
+from relayproxy.errors import UpstreamError
+from relayproxy.explain import codes_of, hint, upstream_failure_hint
+from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter, utc
+from relayproxy.logs import EventLog, FirstSeen
+from relayproxy.metrics import MessageOutcome, Metrics, NullMetrics
+from relayproxy.smtp import sasl
+from relayproxy.smtp.data import BodyFault
+from relayproxy.smtp.envelope import Data, Mail, Rcpt
+from relayproxy.smtp.headers import FromRewriter, HeaderTooLong
+from relayproxy.smtp.reply import Catalogue, Reply
+from relayproxy.smtp.session import (
+    Abandon, AbortBody, Action, Answer, Ask, Body, CheckMail, CheckRcpt, CheckThrottle, Close, EndOfData,
+    Forward, Forwarded, Login, Logout, Send, ServerSession, SessionSettings, StartTLS, State,
+)
+from relayproxy.store import StoreUnavailable
+from relayproxy.upstream.interface import Upstream, UpstreamSession
+
+log = EventLog("relayproxy.server")
+
+_FAULT_REPLIES = {
+    BodyFault.TOO_BIG: Catalogue.MESSAGE_TOO_BIG,
+    BodyFault.HEADER_TOO_BIG: Catalogue.HEADER_TOO_BIG,
+    BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
+    BodyFault.NUL: Catalogue.BODY_NUL,
+}
+_OUTCOMES: dict[str, MessageOutcome] = {
+    "relayed": "relayed", "refused": "refused", "refused by upstream": "refused", "failed": "failed",
+}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every session of one listener shares."""
+
+    server: ServerConfig
+    listener: ListenerConfig
+    limits: LimitsConfig
+    portal: Portal
+    upstreams: dict[str, Upstream]
+    tls_options: Any | None
+    clock: IReactorTime = field(repr=False)
+    throttle: AuthThrottle = field(repr=False)
+    connections: ConnectionCounter = field(repr=False)
+    metrics: Metrics = field(default_factory=NullMetrics, repr=False)
+    budgets: Budgets | None = field(default=None, repr=False)
+    """Per-user sending budgets; None: none enforced."""
+    logins: FirstSeen | None = field(default=None, repr=False)
+    """Which (user, address) logins were logged lately; None: log every login."""
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.listener.tls == "implicit"
+
+    def session(self) -> SessionSettings:
+        listener = self.listener
+        return SessionSettings(
+            hostname=self.server.hostname,
+            starttls=listener.tls == "starttls",
+            tls_available=self.tls_options is not None,
+            implicit_tls=self.implicit_tls,
+            plaintext_auth=listener.allow_plaintext_auth or listener.tls == "none",
+            max_message_size=self.server.max_message_size,
+            max_recipients=self.server.max_recipients,
+            max_invalid_commands=self.limits.max_invalid_commands,
+            max_auth_failures=self.limits.max_auth_failures_per_session,
+        )
+
+
+class ClientIO(Protocol):
+    """What the relay needs of the connection it serves."""
+
+    gate: Any
+    """An IPushProducer that pauses reading from the client (back-pressure while the upstream is slow)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def start_tls(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def settle(self) -> None:
+        """The machine has done what it can for now: timers and reading follow its state."""
+
+
+@dataclass
+class _Transaction:
+    sender: str
+    started: float
+    recipients: int = 0
+    refused: int = 0
+
+
+T = TypeVar("T")
+
+
+class Relay:
+    def __init__(self, settings: ServerSettings, io: ClientIO, peer: str, session_id: str) -> None:
+        self.s = settings
+        self.io = io
+        self.peer = peer
+        self.session_id = session_id
+        self.machine = ServerSession(settings.session())
+        self._actions: deque[Action] = deque()
+        self._running = False
+        self._user: RelayUser | None = None
+        self._upstream: UpstreamSession | None = None
+        self._transaction: _Transaction | None = None
+        self._rewriter: FromRewriter | None = None
+        self._header_fault = False
+        self._in_body = False
+        self._refused_sender: str | None = None
+        self._awaiting_verdict = False
+        self._busy = False
+        """A question of the machine's is being answered."""
+        self._gone = False
+
+    # -- what the connection tells us ---------------------------------------------------------
+
+    def greet(self) -> None:
+        self._perform(self.machine.greet())
+
+    def received(self, data: bytes) -> None:
+        if self.machine.state is State.GREETING:
+            log.warn("early talker", session=self.session_id, client=self.peer)
+            self.s.metrics.connection_refused("early talker")
+        self._perform(self.machine.receive(data))
+
+    def end_with(self, reply: Reply) -> None:
+        """Close the session with ``reply`` (a timeout, a shutdown)."""
+        self._perform(self.machine.close_with(reply))
+
+    @property
+    def awaiting_verdict(self) -> bool:
+        """A complete message is with the upstream: cutting the session now would report a
+        failure for mail that may be delivered."""
+        return self._awaiting_verdict
+
+    @property
+    def in_body(self) -> bool:
+        return self._in_body
+
+    @property
+    def user(self) -> RelayUser | None:
+        return self._user
+
+    @property
+    def username(self) -> str:
+        return self._user.name if self._user else "-"
+
+    def lost(self) -> None:
+        """The client's connection is gone."""
+        self.machine.disconnected()
+        self._finish()
+
+    # -- carrying out actions -----------------------------------------------------------------
+
+    def _perform(self, actions: list[Action]) -> None:
+        self._actions.extend(actions)
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._actions:
+                self._do(self._actions.popleft())
+        finally:
+            self._running = False
+        self.io.settle()
+
+    def _answer(self, result: Answer) -> None:
+        self._busy = False
+        if self._gone:
+            self._leave()
+            return
+        self._perform(self.machine.answer(result))
+
+    def _do(self, action: Action) -> None:
+        if isinstance(action, Send):
+            if action.refused is not None:
+                self._log_refusal(action.reply, action.refused)
+            elif action.reply is Catalogue.TOO_MANY_ERRORS:
+                log.warn("too many invalid commands", session=self.session_id, client=self.peer, user=self.username)
+            self.io.write(action.reply.to_bytes())
+        elif isinstance(action, Body):
+            self._body(action.data)
+        elif isinstance(action, AbortBody):
+            if self._upstream is not None:
+                self._upstream.abort()
+        elif isinstance(action, StartTLS):
+            self.io.start_tls()
+        elif isinstance(action, Close):
+            self._finish()
+            self.io.close()
+        elif isinstance(action, Abandon):
+            self._transaction = None
+            self._release_upstream()
+        elif isinstance(action, Logout):
+            # Everything learnt before TLS is forgotten, the upstream session kept for this client too.
+            self._user = None
+            for upstream in self.s.upstreams.values():
+                upstream.departed(self)
+        else:
+            self._ask(action)
+
+    def _ask(self, ask: Ask) -> None:
+        work: Coroutine[defer.Deferred[Any], Any, Answer]
+        if isinstance(ask, CheckThrottle):
+            work = self._check_throttle(ask.username)
+        elif isinstance(ask, Login):
+            work = self._login(ask.credentials)
+        elif isinstance(ask, CheckMail):
+            work = self._check_mail(ask.mail)
+        elif isinstance(ask, CheckRcpt):
+            work = self._check_budget(ask.recipients, "RCPT")
+        elif isinstance(ask, Forward):
+            work = self._forward(ask)
+        else:
+            work = self._end_of_data(ask)
+        self._busy = True
+        _run_now(self._guarded(work), self._answer)
+
+    async def _guarded(self, work: Coroutine[defer.Deferred[Any], Any, Answer]) -> Answer:
+        try:
+            return await work
+        except Exception:
+            log.failure("internal error", session=self.session_id, client=self.peer, user=self.username)
+            self._perform(self.machine.close_with(Catalogue.local_error(self.s.server.hostname)))
+            return None
+
+    def _finish(self) -> None:
+        if self._gone:
+            return
+        self._gone = True
+        if not self._busy:
+            self._leave()
+
+    def _leave(self) -> None:
+        """The client is gone and nothing is in flight for it."""
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            if self._in_body:
+                # Closing without the final dot is the only way to be sure a partial body is never delivered.
+                upstream.abort()
+            else:
+                upstream.release()
+        for each in self.s.upstreams.values():
+            each.departed(self)
+
+    def _release_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.release()
+
+    # -- AUTH ---------------------------------------------------------------------------------
+
+    async def _check_throttle(self, username: str | None) -> Reply | None:
+        # Refused before bcrypt runs: a guesser must not cost us a thread per attempt.
+        try:
+            wait = await self.s.throttle.blocked_for(self.peer, username)
+        except StoreUnavailable as e:
+            # Fail safe: without the shared counts no password is checked.
+            self._store_unavailable(e, "AUTH")
+            self.s.metrics.auth("error")
+            return Catalogue.AUTH_TEMPORARY
+        if wait > 0:
+            self.s.metrics.auth("throttled")
+            log.warn("auth throttled", client=self.peer, user=username or "-", seconds=round(wait), session=self.session_id)
+            return Catalogue.AUTH_TEMPORARY
+        return None
+
+    async def _login(self, credentials: sasl.Credentials) -> Reply:
+        if credentials.authzid and credentials.authzid != credentials.username:
+            # RFC 4616 lets a client act for another identity; we never allow that, and answer
+            # as for a wrong password so a guesser cannot tell which part was wrong.
+            return await self._auth_failed(credentials.username, "authzid of another user")
+        try:
+            _, avatar, _ = await self.s.portal.login(
+                UsernamePassword(credentials.username.encode(), credentials.password.encode()), None, IRelayUser
+            )
+        except UnauthorizedLogin:
+            return await self._auth_failed(credentials.username, "bad credentials")
+        except Exception:
+            log.failure("authentication backend failed", session=self.session_id, client=self.peer)
+            self.s.metrics.auth("error")
+            return Catalogue.AUTH_TEMPORARY
+        assert isinstance(avatar, RelayUser)
+        self._user = avatar
+        self.s.throttle.succeeded(self.peer, credentials.username)
+        self.s.metrics.auth("ok")
+        if self.s.logins is None or self.s.logins.first((credentials.username, self.peer)):
+            log.info("auth ok", client=self.peer, user=credentials.username, session=self.session_id)
+        return Catalogue.AUTH_OK
+
+    async def _auth_failed(self, username: str, reason: str) -> Reply:
+        try:
+            await self.s.throttle.failed(self.peer, username)
+        except StoreUnavailable as e:
+            # The next AUTH finds the store unavailable too and gets 454 without a password check.
+            self._store_unavailable(e, "AUTH")
+        self.s.metrics.auth("failed")
+        # One line per failure, stable for fail2ban: the client address comes first.
+        log.warn(
+            "auth failed", client=self.peer, user=username, reason=reason, session=self.session_id,
+            hint=hint(535, "5.7.8", side="client", command="AUTH", user=username),
+        )
+        return Catalogue.AUTH_INVALID
+
+    # -- the envelope -------------------------------------------------------------------------
+
+    async def _check_mail(self, mail: Mail) -> Reply | None:
+        assert self._user is not None
+        if not self._user.config.may_send(mail.sender):
+            self._refused_sender = mail.sender
+            return Catalogue.sender_not_owned(self._user.name)
+        return await self._check_budget(None, "MAIL")
+
+    async def _check_budget(self, accepted: int | None, command: str) -> Reply | None:
+        """At MAIL (``accepted`` None) or RCPT (after ``accepted`` recipients): 451 past the user's budget."""
+        budgets, user = self.s.budgets, self._user
+        if budgets is None or user is None or not budgets.limited(user.config):
+            return None
+        try:
+            if accepted is None:
+                until = await budgets.mail_refused_until(user.config)
+            else:
+                until = await budgets.rcpt_refused_until(user.config, accepted)
+        except StoreUnavailable as e:
+            self._store_unavailable(e, command)
+            return Catalogue.LIMIT_STORE_UNAVAILABLE
+        return Catalogue.sending_limit(user.name, utc(until)) if until is not None else None
+
+    async def _forward(self, ask: Forward) -> Forwarded:
+        assert self._user is not None
+        commands = ask.commands
+        if self._upstream is None:
+            try:
+                self._upstream = await self.s.upstreams[self._user.upstream.name].acquire(self)
+            except UpstreamError as e:
+                self._log_upstream_failure(e)
+                return Forwarded((e.reply,) * len(commands), e.reply)
+        upstream = self._upstream
+        replies = await upstream.envelope(commands)
+        for command, reply in zip(commands, replies):
+            if isinstance(command, Mail):
+                if reply.is_positive:
+                    self._transaction = _Transaction(command.sender, self.s.clock.seconds())
+            elif isinstance(command, Rcpt) and self._transaction is not None:
+                self._transaction.recipients += reply.is_positive
+                self._transaction.refused += not reply.is_positive
+            elif isinstance(command, Data) and reply.code == 354:
+                self._start_body(upstream)
+        if upstream.failure is not None:
+            self._log_upstream_failure(upstream.failure)
+            self._upstream = None
+            # The session is gone: the rest of the transaction cannot reach the upstream.
+            return Forwarded(tuple(replies), Catalogue.UPSTREAM_LOST)
+        return Forwarded(tuple(replies))
+
+    # -- the body -----------------------------------------------------------------------------
+
+    def _start_body(self, upstream: UpstreamSession) -> None:
+        self._in_body = True
+        self._header_fault = False
+        header_from = self._user.upstream.header_from if self._user else None
+        self._rewriter = FromRewriter(header_from, self.s.limits.max_header_size) if header_from is not None else None
+        upstream.stream_from(self.io.gate)
+
+    def _body(self, data: bytes) -> None:
+        upstream = self._upstream
+        if upstream is None or self._header_fault:
+            return
+        if self._rewriter is not None:
+            try:
+                data = self._rewriter.feed(data)
+            except HeaderTooLong:
+                self._header_fault = True
+                upstream.abort()
+                return
+        if data:
+            upstream.body(data)
+
+    async def _end_of_data(self, ask: EndOfData) -> Reply:
+        upstream, transaction, rewriter = self._upstream, self._transaction, self._rewriter
+        self._transaction = self._rewriter = None
+        self._in_body = False
+        # The upstream no longer paces the client: what follows the body is commands.
+        self.io.gate.resumeProducing()
+        last = ask.last
+        if rewriter is not None and ask.fault is None and not self._header_fault:
+            try:
+                last = rewriter.feed(last) + rewriter.finish()
+            except HeaderTooLong:
+                self._header_fault = True
+        faults = {ask.fault, BodyFault.HEADER_TOO_BIG if self._header_fault else None}
+        # By a fixed precedence, so the reply does not depend on how the input was split.
+        fault = next((f for f in BodyFault if f in faults), None)
+        if fault is not None:
+            self._upstream = None
+            if upstream is not None:
+                upstream.abort()
+            self._log_message(transaction, ask.size, _FAULT_REPLIES[fault], "refused", reason=fault.value)
+            return _FAULT_REPLIES[fault]
+        if upstream is None:
+            self._log_message(transaction, ask.size, Catalogue.UPSTREAM_LOST, "failed")
+            return Catalogue.UPSTREAM_LOST
+        self._awaiting_verdict = True
+        handed_over = self.s.clock.seconds()
+        try:
+            reply = await upstream.end(last)
+            if upstream.failure is not None:
+                self._upstream = None
+                self._log_upstream_failure(upstream.failure)
+                self._log_message(transaction, ask.size, reply, "failed")
+                return reply
+            self.s.metrics.upstream_latency(self._upstream_name, "end_of_data", self.s.clock.seconds() - handed_over)
+            if reply.is_positive and transaction is not None:
+                # Counted before the client hears 250, so its next MAIL on any instance sees this
+                # message; still awaiting the verdict, so a shutdown cannot swallow the 250.
+                await self._count_sent(transaction.recipients)
+        finally:
+            self._awaiting_verdict = False
+        # Back to the pool at the verdict, not at QUIT: the session waits there for this client's
+        # next message, and another client needing one meanwhile takes it instead of opening a
+        # new connection to the provider.
+        self._release_upstream()
+        self._log_message(transaction, ask.size, reply, "relayed" if reply.is_positive else "refused by upstream")
+        return reply
+
+    async def _count_sent(self, recipients: int) -> None:
+        budgets, user = self.s.budgets, self._user
+        if budgets is None or user is None or not budgets.limited(user.config):
+            return
+        try:
+            await budgets.record(user.config, recipients)
+        except StoreUnavailable as e:
+            # The message is the upstream's now: its 250 stands, uncounted.
+            self._store_unavailable(e, "end-of-data")
+
+    # -- records ------------------------------------------------------------------------------
+
+    @property
+    def _upstream_name(self) -> str:
+        return self._user.upstream.name if self._user else "-"
+
+    def _log_message(self, transaction: _Transaction | None, size: int, reply: Reply, outcome: str, **extra: object) -> None:
+        """The one line per transaction: who sent what where, and what became of it."""
+        fields: dict[str, object] = {
+            "session": self.session_id, "client": self.peer, "user": self.username, "upstream": self._upstream_name,
+            "from": f"<{transaction.sender}>" if transaction else "-",
+            "rcpts": transaction.recipients if transaction else 0, "refused": transaction.refused if transaction else 0,
+            "size": size, "outcome": outcome, "reply": str(reply),
+            "duration": round(self.s.clock.seconds() - transaction.started, 3) if transaction else 0,
+            **extra,
+        }
+        if not reply.is_positive:
+            code, enhanced = codes_of(reply)
+            fields["hint"] = hint(code, enhanced, side="upstream" if outcome == "refused by upstream" else "client", command="end-of-data")
+        log.info("message", **fields)
+        self.s.metrics.message(self.username, self._upstream_name, _OUTCOMES[outcome], size)
+
+    def _log_refusal(self, reply: Reply, verb: str) -> None:
+        if reply.code == 535 or verb == "AUTH" and reply.code == 454:
+            return  # logged as "auth failed" / "auth throttled", the lines fail2ban reads
+        sender, self._refused_sender = self._refused_sender, None
+        log.info(
+            "refused", session=self.session_id, client=self.peer, user=self.username, command=verb, reply=str(reply),
+            hint=hint(
+                reply.code, reply.enhanced, side="client", command=verb, sender=sender, user=self.username,
+                allowed_senders=self._user.config.allowed_senders if self._user else (),
+            ),
+        )
+
+    def _log_upstream_failure(self, error: UpstreamError) -> None:
+        upstream = self._user.upstream if self._user else None
+        log.warn(
+            "upstream failure", session=self.session_id, client=self.peer, user=self.username,
+            upstream=upstream.name if upstream else "-", step=error.step, detail=error.detail,
+            hint=upstream_failure_hint(error, upstream.name if upstream else "-", upstream.host if upstream else None),
+        )
+
+    def _store_unavailable(self, error: StoreUnavailable, command: str) -> None:
+        log.error(
+            "limit store unavailable", store=error.store, detail=error.detail, command=command,
+            session=self.session_id, client=self.peer, user=self.username,
+        )
+
+
+def _run_now(coroutine: Coroutine[defer.Deferred[Any], Any, T], done: Callable[[T], None]) -> None:
+    """Run a coroutine that awaits only Deferreds as far as it gets in this reactor turn, the rest as
+    each Deferred fires; call ``done`` with its result once it has returned.
+
+    Most questions never wait (the AUTH cache, allowed senders, local budgets) and the others wait
+    once per upstream reply; Deferred.fromCoroutine would add a Deferred, a context copy and a
+    chain of callbacks to each. Awaiting a Deferred yields it, and resuming the coroutine after it
+    fired delivers its result (a failure is thrown in), so one callback per wait suffices.
+    """
+
+    def step(result: object = None) -> None:
+        try:
+            if isinstance(result, Failure):
+                awaited = result.throwExceptionIntoGenerator(coroutine)  # type: ignore[no-untyped-call]
+            else:
+                awaited = coroutine.send(result)
+        except StopIteration as e:
+            done(e.value)
+            return
+        awaited.addBoth(step)
+
+    step()

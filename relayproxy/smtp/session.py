@@ -1,0 +1,642 @@
+"""The client side of an SMTP session as a pure state machine: bytes in, actions out, no I/O.
+
+``receive`` takes what the client sent and returns what to do: replies to send, TLS to start, body
+bytes for the upstream, the connection to close. What needs the outside world (a password check,
+the throttles, allowed senders and budgets, the upstream's replies, its verdict) is asked for with
+an ``Ask`` action; the machine then waits, buffering what the client pipelines, until ``answer``
+brings the result. Replies therefore always leave in command order (RFC 2920), and whatever
+followed STARTTLS in the same packet is dropped (RFC 3207 4.2).
+
+Pipelining: consecutive MAIL, RCPT and DATA commands that arrived together are checked one by one
+and the ones that passed go to the upstream as one ``Forward`` group, DATA only as its last
+command; a command refused here keeps its place among the upstream's replies.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from relayproxy.errors import ProtocolError
+from relayproxy.smtp import sasl
+from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
+from relayproxy.smtp.data import BodyDecoder, BodyFault
+from relayproxy.smtp.envelope import Data, EnvelopeCommand, Mail, Rcpt
+from relayproxy.smtp.lines import LineBuffer, TooLong
+from relayproxy.smtp.reply import Catalogue, Reply
+
+
+class State(enum.Enum):
+    GREETING = "greeting"
+    """Connected; the greeting has not been sent (RFC 5321 4.3.1: the client waits for it)."""
+    CONNECTED = "connected"
+    """Greeted; no EHLO or HELO yet."""
+    HELLO = "hello"
+    """Said hello; not authenticated."""
+    SASL = "sasl"
+    """In an AUTH exchange: the next line is a response to our 334, not a command."""
+    AUTHENTICATED = "authenticated"
+    """Logged in, no transaction."""
+    TRANSACTION = "transaction"
+    """MAIL accepted (or forwarded and not yet answered)."""
+    BODY = "body"
+    """After the upstream's 354: the bytes are message text up to CRLF.CRLF."""
+    CLOSED = "closed"
+
+
+_COMMAND_STATES = frozenset({State.CONNECTED, State.HELLO, State.AUTHENTICATED, State.TRANSACTION})
+
+SEQUENCE: dict[str, dict[State, Reply]] = {
+    # Unauthenticated MAIL and RCPT are refused before their address is even parsed: open-relay
+    # probes (source routes, bang paths, user@a@b) learn nothing but "log in first".
+    "MAIL": {State.CONNECTED: Catalogue.AUTH_REQUIRED, State.HELLO: Catalogue.AUTH_REQUIRED, State.TRANSACTION: Catalogue.NESTED_MAIL},
+    "RCPT": {State.CONNECTED: Catalogue.AUTH_REQUIRED, State.HELLO: Catalogue.AUTH_REQUIRED, State.AUTHENTICATED: Catalogue.MAIL_FIRST},
+    "DATA": {State.CONNECTED: Catalogue.AUTH_REQUIRED, State.HELLO: Catalogue.AUTH_REQUIRED, State.AUTHENTICATED: Catalogue.MAIL_FIRST},
+    "AUTH": {
+        State.CONNECTED: Catalogue.EHLO_FIRST, State.AUTHENTICATED: Catalogue.ALREADY_AUTHENTICATED,
+        State.TRANSACTION: Catalogue.ALREADY_AUTHENTICATED,
+    },
+}
+"""Which verb is refused in which command state, and with what; a state not listed allows it."""
+
+_ENVELOPE_VERBS = frozenset({"MAIL", "RCPT", "DATA"})
+_INVALID_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
+"""Replies that mean the client sent something it should not have: too many in a row end the session."""
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    reply: Reply
+    refused: str | None = None
+    """The verb, when this reply refuses a command here (for the log line that says why)."""
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Start the TLS handshake now; the 220 went just before."""
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection after what was sent."""
+
+
+@dataclass(frozen=True)
+class Body:
+    """Wire-ready message text for the upstream (line ends CRLF, dot-stuffed)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AbortBody:
+    """The message cannot be relayed: the upstream must never see an end of data for it."""
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """The transaction the upstream holds is over without a message (RSET, EHLO, HELO, STARTTLS)."""
+
+
+@dataclass(frozen=True)
+class Logout:
+    """The identity is forgotten (STARTTLS)."""
+
+
+@dataclass(frozen=True)
+class CheckThrottle:
+    """May this client try a password now (and for ``username``, once it is known)? Answer: a refusal or None."""
+
+    username: str | None
+
+
+@dataclass(frozen=True)
+class Login:
+    """Check these credentials. Answer: 235 or the refusal."""
+
+    credentials: sasl.Credentials
+
+
+@dataclass(frozen=True)
+class CheckMail:
+    """May the user send as this sender now (allowed senders, budgets)? Answer: a refusal or None."""
+
+    mail: Mail
+
+
+@dataclass(frozen=True)
+class CheckRcpt:
+    """May the user add a recipient, ``recipients`` being already in this transaction? Answer: a refusal or None."""
+
+    rcpt: Rcpt
+    recipients: int
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Give these envelope commands to the upstream, in one go. Answer: ``Forwarded``."""
+
+    commands: tuple[EnvelopeCommand, ...]
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    replies: tuple[Reply, ...]
+    """One per forwarded command, in order."""
+    failed: Reply | None = None
+    """The upstream failed: later commands of this transaction get this reply."""
+
+
+@dataclass(frozen=True)
+class EndOfData:
+    """The client's end of data. Answer: the verdict to relay."""
+
+    last: bytes
+    """The last wire-ready text, to go with the final dot (empty when ``fault``)."""
+    fault: BodyFault | None
+    size: int
+
+
+def _verb(line: bytes) -> str:
+    return line.split(b" ", 1)[0][:16].upper().decode("ascii", "replace")
+
+
+Ask = CheckThrottle | Login | CheckMail | CheckRcpt | Forward | EndOfData
+Action = Send | StartTLS | Close | Body | AbortBody | Abandon | Logout | Ask
+Answer = Reply | Forwarded | None
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    hostname: str
+    starttls: bool = False
+    """The listener offers STARTTLS."""
+    tls_available: bool = False
+    """A certificate is loaded, so STARTTLS can start."""
+    implicit_tls: bool = False
+    plaintext_auth: bool = False
+    """AUTH is allowed before TLS (a plaintext listener, or allow_plaintext_auth)."""
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    max_invalid_commands: int = 20
+    max_auth_failures: int = 3
+
+
+@dataclass
+class _Group:
+    """Envelope commands that arrived together, checked here one by one, to be forwarded at once."""
+
+    items: list[EnvelopeCommand | Send] = field(default_factory=list)
+
+    @property
+    def forwarded(self) -> tuple[EnvelopeCommand, ...]:
+        return tuple(item for item in self.items if not isinstance(item, Send))
+
+
+class ServerSession:
+    def __init__(self, settings: SessionSettings) -> None:
+        self.settings = settings
+        self.state = State.GREETING
+        self.tls = settings.implicit_tls
+        self._lines = LineBuffer(MAX_COMMAND_LINE)
+        self._out: list[Action] = []
+        self.waiting: Ask | None = None
+        self._held: bytes | TooLong | None = None
+        """A line read while a group was still open: it is handled once the group is answered."""
+        self._group = _Group()
+        self._sasl_step = ""
+        self._sasl_user = ""
+        self._initial = ""
+        self._credentials = sasl.Credentials("", "")
+        self._decoder: BodyDecoder | None = None
+        self._fault_sent = False
+        self._accepted = 0
+        self._pending = 0
+        self._attempted = 0
+        self._failed: Reply | None = None
+        self._invalid = 0
+        self._auth_failures = 0
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def greet(self) -> list[Action]:
+        self.state = State.CONNECTED
+        return self._flush([Send(Catalogue.greeting(self.settings.hostname))])
+
+    def receive(self, data: bytes) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        if self.state is State.GREETING:
+            return self.close_with(Catalogue.EARLY_TALKER)
+        self._lines.feed(data)
+        self._advance()
+        return self._flush()
+
+    def answer(self, result: Answer) -> list[Action]:
+        ask, self.waiting = self.waiting, None
+        assert ask is not None, "an answer with no question"
+        if self.state is not State.CLOSED:
+            self._answered(ask, result)
+            self._advance()
+        return self._flush()
+
+    def close_with(self, reply: Reply) -> list[Action]:
+        """End the session with ``reply`` (timeouts, shutdown, too many connections)."""
+        if self.state is State.CLOSED:
+            return []
+        self._close(reply)
+        return self._flush()
+
+    def disconnected(self) -> None:
+        """The client is gone: nothing more to say."""
+        self.state = State.CLOSED
+
+    @property
+    def buffered(self) -> int:
+        """Pipelined bytes held while waiting for an answer."""
+        return len(self._lines)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in progress that a shutdown should wait for."""
+        return self.waiting is None and self.state not in (State.TRANSACTION, State.BODY)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _flush(self, extra: list[Action] | None = None) -> list[Action]:
+        out, self._out = self._out + (extra or []), []
+        return out
+
+    def _emit(self, action: Action) -> None:
+        self._out.append(action)
+        if isinstance(action, Ask):
+            self.waiting = action
+
+    def _advance(self) -> None:
+        while self.waiting is None and self.state is not State.CLOSED:
+            if self.state is State.BODY:
+                data = self._lines.take()
+                if not data:
+                    return
+                self._body(data)
+                continue
+            line = self._next_line()
+            if line is None:
+                # A pipelined group ends with what arrived together.
+                self._forward_group()
+                return
+            if self.state is State.SASL:
+                self._sasl_response(line)
+            else:
+                self._command(line)
+
+    def _next_line(self) -> bytes | TooLong | None:
+        if self._held is not None:
+            line, self._held = self._held, None
+            return line
+        return self._lines.next_line()
+
+    # -- replies and refusals -----------------------------------------------------------------
+
+    def _reply(self, reply: Reply) -> None:
+        self._invalid = 0
+        self._emit(Send(reply))
+
+    def _refuse(self, reply: Reply, verb: str) -> None:
+        if self._group.items:
+            # A refused envelope command keeps its place among the upstream's replies.
+            self._group.items.append(Send(reply, verb))
+            return
+        self._emit(Send(reply, verb))
+        if reply.code in _INVALID_COMMAND_CODES:
+            self._invalid += 1
+            if self._invalid >= self.settings.max_invalid_commands:
+                self._close(Catalogue.TOO_MANY_ERRORS)
+
+    def _close(self, reply: Reply | None = None) -> None:
+        if reply is not None:
+            self._emit(Send(reply))
+        self._emit(Close())
+        self.state = State.CLOSED
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _command(self, line: bytes | TooLong) -> None:
+        if self._group.items and (isinstance(line, TooLong) or _verb(line) not in _ENVELOPE_VERBS):
+            # Anything else ends the group: it is answered after the group's replies.
+            self._held = line
+            self._forward_group()
+            return
+        if isinstance(line, TooLong):
+            # RFC 4954 4: an over-long AUTH line has a code of its own.
+            long_auth = line.start[:5].upper() == b"AUTH "
+            self._refuse(Catalogue.AUTH_LINE_TOO_LONG if long_auth else Catalogue.LINE_TOO_LONG, "AUTH" if long_auth else "-")
+            return
+        verb = _verb(line)
+        try:
+            if b"\r" in line or b"\n" in line:
+                # A bare CR or LF would let one "line" hold two commands for a peer that splits differently.
+                raise ProtocolError(Catalogue.BARE_LINE_END)
+            refusal = SEQUENCE.get(verb, {}).get(self.state)
+            if refusal is not None:
+                raise ProtocolError(refusal)
+            command = parse_command(line)
+            if verb not in _HANDLERS:
+                raise ProtocolError(Catalogue.UNRECOGNIZED)
+            actions = list(_HANDLERS[verb](self, command))
+        except ProtocolError as e:
+            self._refuse(e.reply, verb)
+            return
+        self._invalid = 0
+        for action in actions:
+            self._emit(action)
+
+    def _ehlo(self, command: Command) -> Iterator[Action]:
+        if not command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        yield from self._reset()
+        extensions: tuple[str, ...] = ("PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")
+        if self.settings.starttls and not self.tls:
+            extensions += ("STARTTLS",)
+        if self._auth_allowed and self.state is not State.AUTHENTICATED:
+            extensions += ("AUTH " + " ".join(sasl.MECHANISMS),)
+        yield Send(Catalogue.ehlo(self.settings.hostname, extensions))
+
+    def _helo(self, command: Command) -> Iterator[Action]:
+        if not command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        yield from self._reset()
+        yield Send(Catalogue.helo(self.settings.hostname))
+
+    def _reset(self) -> Iterator[Action]:
+        """EHLO, HELO and RSET end a transaction (RFC 5321 4.1.4); a first hello moves on."""
+        if self.state is State.TRANSACTION:
+            yield Abandon()
+        if self.state in (State.TRANSACTION, State.AUTHENTICATED):
+            self.state = State.AUTHENTICATED
+        else:
+            self.state = State.HELLO
+        self._failed = None
+
+    def _noop(self, command: Command) -> Iterator[Action]:
+        yield Send(Catalogue.OK)
+
+    def _help(self, command: Command) -> Iterator[Action]:
+        yield Send(Catalogue.HELP)
+
+    def _vrfy(self, command: Command) -> Iterator[Action]:
+        yield Send(Catalogue.VRFY)
+
+    def _expn(self, command: Command) -> Iterator[Action]:
+        raise ProtocolError(Catalogue.NOT_IMPLEMENTED)
+
+    def _rset(self, command: Command) -> Iterator[Action]:
+        if command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        if self.state is not State.CONNECTED:
+            yield from self._reset()
+        yield Send(Catalogue.RESET)
+
+    def _quit(self, command: Command) -> Iterator[Action]:
+        self.state = State.CLOSED
+        yield Send(Catalogue.closing(self.settings.hostname))
+        yield Close()
+
+    def _starttls(self, command: Command) -> Iterator[Action]:
+        if command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        if self.tls:
+            raise ProtocolError(Catalogue.TLS_ACTIVE)
+        if not (self.settings.starttls and self.settings.tls_available):
+            raise ProtocolError(Catalogue.TLS_UNAVAILABLE)
+        # RFC 3207 4.2 / CVE-2011-0411: whatever followed STARTTLS came in plaintext and is dropped,
+        # and everything learnt before TLS is forgotten.
+        self._lines.clear()
+        if self.state is State.TRANSACTION:
+            yield Abandon()
+        if self.state in (State.TRANSACTION, State.AUTHENTICATED):
+            yield Logout()
+        self.state = State.CONNECTED
+        self.tls = True
+        yield Send(Catalogue.READY_TLS)
+        yield StartTLS()
+
+    # -- AUTH (RFC 4954) ----------------------------------------------------------------------
+
+    @property
+    def _auth_allowed(self) -> bool:
+        return self.tls or self.settings.plaintext_auth
+
+    def _auth(self, command: Command) -> Iterator[Action]:
+        if not self._auth_allowed:
+            raise ProtocolError(Catalogue.AUTH_ENCRYPTION_REQUIRED)
+        mechanism, _, initial = command.argument.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            raise ProtocolError(Catalogue.AUTH_NO_MECHANISM)
+        if mechanism not in sasl.MECHANISMS:
+            raise ProtocolError(Catalogue.AUTH_UNKNOWN_MECHANISM)
+        self.state = State.SASL
+        self._sasl_step = mechanism
+        self._initial = initial
+        # Refused before any password is read: a guesser must not cost us a check per attempt.
+        yield CheckThrottle(None)
+
+    def _sasl_start(self) -> None:
+        initial, self._initial = self._initial, ""
+        if initial:
+            self._sasl_response(initial.encode("ascii"))
+        elif self._sasl_step == "PLAIN":
+            self._emit(Send(Reply(334, ("",))))
+        else:
+            self._sasl_step = "LOGIN"
+            self._emit(Send(Reply(334, (sasl.USERNAME_CHALLENGE,))))
+
+    def _sasl_response(self, line: bytes | TooLong) -> None:
+        try:
+            if isinstance(line, TooLong):
+                raise ProtocolError(Catalogue.AUTH_LINE_TOO_LONG)
+            message = sasl.decode_response(line.decode("ascii", "replace"))
+            if self._sasl_step == "PLAIN":
+                credentials = sasl.parse_plain(message)
+            elif self._sasl_step == "LOGIN":
+                self._sasl_user = sasl.parse_login_field(message)
+                self._sasl_step = "PASSWORD"
+                self._emit(Send(Reply(334, (sasl.PASSWORD_CHALLENGE,))))
+                return
+            else:
+                credentials = sasl.Credentials(self._sasl_user, sasl.parse_login_field(message))
+        except ProtocolError as e:
+            self.state = State.HELLO
+            self._refuse(e.reply, "AUTH")
+            return
+        self._sasl_step = "CHECK"
+        self._emit(CheckThrottle(credentials.username))
+        self._credentials = credentials
+
+    def _logged_in(self, reply: Reply) -> None:
+        if reply.code == 235:
+            self.state = State.AUTHENTICATED
+            self._reply(reply)
+            return
+        self.state = State.HELLO
+        if reply.code == 535:
+            self._auth_failures += 1
+            if self._auth_failures >= self.settings.max_auth_failures:
+                self._emit(Send(reply, "AUTH"))
+                self._close(Catalogue.TOO_MANY_AUTH_FAILURES)
+                return
+        self._refuse(reply, "AUTH")
+
+    # -- the envelope -------------------------------------------------------------------------
+
+    def _mail(self, command: PathCommand) -> Iterator[Action]:
+        size = command.parameter("SIZE")
+        if command.has("SIZE"):
+            if size is None or not size.isdigit():
+                raise ProtocolError(Catalogue.BAD_SIZE)
+            if int(size) > self.settings.max_message_size:
+                raise ProtocolError(Catalogue.MESSAGE_TOO_BIG)
+        body = command.parameter("BODY")
+        if command.has("BODY") and (body or "").upper() not in ("7BIT", "8BITMIME"):
+            raise ProtocolError(Catalogue.BAD_BODY)
+        # AUTH= names the client's identity to the next hop; the upstream must only ever see ours.
+        if any(key not in ("SIZE", "BODY", "AUTH") for key, _ in command.parameters):
+            raise ProtocolError(Catalogue.BAD_PARAMETERS)
+        yield CheckMail(Mail(command.address, int(size) if size is not None else None, (body or "").upper() == "8BITMIME"))
+
+    def _transaction_failed(self) -> None:
+        if self._failed is not None:
+            raise ProtocolError(self._failed)
+
+    def _rcpt(self, command: PathCommand) -> Iterator[Action]:
+        self._transaction_failed()
+        if command.parameters:
+            raise ProtocolError(Catalogue.BAD_PARAMETERS)
+        recipients = self._accepted + self._pending
+        if recipients >= self.settings.max_recipients:
+            raise ProtocolError(Catalogue.TOO_MANY_RECIPIENTS)
+        yield CheckRcpt(Rcpt(command.address), recipients)
+
+    def _data(self, command: Command) -> Iterator[Action]:
+        self._transaction_failed()
+        if command.argument:
+            raise ProtocolError(Catalogue.SYNTAX)
+        if self._attempted == 0:
+            raise ProtocolError(Catalogue.RCPT_FIRST)
+        if self._accepted + self._pending == 0:
+            raise ProtocolError(Catalogue.NO_VALID_RECIPIENTS)
+        # DATA ends a group (RFC 2920 3.1): the client waits for its 354.
+        self._group.items.append(Data())
+        self._forward_group()
+        return
+        yield
+
+    def _checked(self, ask: CheckMail | CheckRcpt, refusal: Reply | None) -> None:
+        verb = "MAIL" if isinstance(ask, CheckMail) else "RCPT"
+        if refusal is not None:
+            self._group.items.append(Send(refusal, verb))
+            return
+        if isinstance(ask, CheckMail):
+            self.state = State.TRANSACTION
+            self._accepted = self._pending = self._attempted = 0
+            self._failed = None
+            self._group.items.append(ask.mail)
+        else:
+            self._pending += 1
+            self._attempted += 1
+            self._group.items.append(ask.rcpt)
+
+    def _forward_group(self) -> None:
+        if not self._group.items or self.waiting is not None:
+            return
+        forwarded = self._group.forwarded
+        if forwarded:
+            self._emit(Forward(forwarded))
+        else:
+            self._forwarded(Forwarded(()))
+
+    def _forwarded(self, result: Forwarded) -> None:
+        group, self._group = self._group, _Group()
+        replies = iter(result.replies)
+        for item in group.items:
+            if isinstance(item, Send):
+                self._refuse(item.reply, item.refused or "-")
+                if self.state is State.CLOSED:
+                    return
+                continue
+            reply = next(replies)
+            self._invalid = 0
+            if isinstance(item, Mail):
+                if not reply.is_positive:
+                    self.state = State.AUTHENTICATED
+            elif isinstance(item, Rcpt):
+                self._pending -= 1
+                self._accepted += reply.is_positive
+            elif reply.code == 354 and self.state is State.TRANSACTION:
+                self.state = State.BODY
+                self._decoder = BodyDecoder(self.settings.max_message_size)
+                self._fault_sent = False
+            self._emit(Send(reply))
+            if self.state is State.CLOSED:
+                return
+        if result.failed is not None and self.state is State.TRANSACTION:
+            self._failed = result.failed
+
+    # -- the body -----------------------------------------------------------------------------
+
+    def _body(self, data: bytes) -> None:
+        decoder = self._decoder
+        assert decoder is not None
+        chunk = decoder.feed(data)
+        fault = decoder.fault
+        if fault is not None and not self._fault_sent:
+            # Stop the partial body here: the upstream never sees an end of data for it.
+            self._fault_sent = True
+            self._emit(AbortBody())
+        if not chunk.done:
+            if chunk.data and fault is None:
+                self._emit(Body(chunk.data))
+            return
+        self._decoder = None
+        self.state = State.AUTHENTICATED
+        self._lines.feed(chunk.rest)
+        self._emit(EndOfData(chunk.data if fault is None else b"", fault, decoder.size))
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def _answered(self, ask: Ask, result: Answer) -> None:
+        if isinstance(ask, CheckThrottle):
+            if isinstance(result, Reply):
+                self.state = State.HELLO
+                self._refuse(result, "AUTH")
+            elif ask.username is None:
+                self._sasl_start()
+            else:
+                self._emit(Login(self._credentials))
+        elif isinstance(ask, Login):
+            assert isinstance(result, Reply)
+            self._logged_in(result)
+        elif isinstance(ask, CheckMail | CheckRcpt):
+            assert not isinstance(result, Forwarded)
+            self._checked(ask, result)
+        elif isinstance(ask, Forward):
+            assert isinstance(result, Forwarded) and len(result.replies) == len(ask.commands)
+            self._forwarded(result)
+        else:
+            assert isinstance(result, Reply)
+            self._reply(result)
+
+
+_HANDLERS: dict[str, Callable[[ServerSession, Any], Iterator[Action]]] = {
+    "EHLO": ServerSession._ehlo, "HELO": ServerSession._helo, "NOOP": ServerSession._noop, "HELP": ServerSession._help,
+    "VRFY": ServerSession._vrfy, "EXPN": ServerSession._expn, "RSET": ServerSession._rset, "QUIT": ServerSession._quit,
+    "STARTTLS": ServerSession._starttls, "AUTH": ServerSession._auth, "MAIL": ServerSession._mail,
+    "RCPT": ServerSession._rcpt, "DATA": ServerSession._data,
+}
+"""The verbs we implement; VRFY and EXPN only to say no (RFC 5321 7.3)."""

@@ -1,0 +1,256 @@
+"""Dialling one upstream: connect, greet, secure and authenticate, trying each of its hosts in turn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
+from twisted.internet.protocol import Factory
+
+from relayproxy.config import UpstreamConfig
+from relayproxy.deadline import Deadline
+from relayproxy.errors import UpstreamError
+from relayproxy.logs import EventLog
+from relayproxy.metrics import Metrics, NullMetrics, UpstreamPhase
+from relayproxy.oauth import TokenError, TokenSource, xoauth2_initial_response
+from relayproxy.smtp import sasl
+from relayproxy.smtp.reply import Catalogue, Reply, ReplyError
+from relayproxy.upstream.failures import setup_failed, setup_refused
+from relayproxy.upstream.protocol import Desync, Lost, Timeout, UpstreamProtocol
+
+log = EventLog("relayproxy.upstream")
+
+
+class Connection:
+    """One authenticated upstream connection and what is known about it between transactions."""
+
+    def __init__(self, protocol: UpstreamProtocol, config: UpstreamConfig, extensions: dict[str, str]) -> None:
+        self.protocol = protocol
+        self.config = config
+        self.extensions = extensions
+        self.used = False
+        """It carried a MAIL before: if the next one fails, the upstream may just have dropped it while idle."""
+        self.owes_reset = False
+        """RSET goes before the next MAIL (handed to another client, or left mid-envelope)."""
+        self.reset_reply: defer.Deferred[Reply | None] | None = None
+        """The reply to an RSET already sent, not yet read."""
+        self.client: object = None
+        """Whose transactions it carries (a server session); kept while it waits in the pool."""
+        self.in_transaction = False
+        self.broken = False
+        self.pool_timeout: Deadline | None = None
+        """Running while the connection waits in the pool."""
+
+    @property
+    def usable(self) -> bool:
+        return not self.broken and self.protocol.usable
+
+    def supports(self, extension: str) -> bool:
+        return extension in self.extensions
+
+    def abort(self) -> None:
+        self.broken = True
+        self.protocol.abort()
+
+    def close(self) -> None:
+        """QUIT politely without waiting; the server's reply does not matter any more."""
+        if self.usable:
+            self.protocol.write(b"QUIT\r\n")
+            self.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        self.broken = True
+
+    def tls_description(self) -> str:
+        """The negotiated TLS version and the peer certificate's subject and expiry, for operators."""
+        handle = getattr(self.protocol.transport, "getHandle", lambda: None)()
+        if not isinstance(handle, SSL.Connection):
+            return "no TLS"
+        version = handle.get_protocol_version_name()
+        certificate = handle.get_peer_certificate(as_cryptography=True)
+        if certificate is None:
+            return version
+        subject = certificate.subject.rfc4514_string()
+        return f"{version}, certificate {subject}, expires {certificate.not_valid_after_utc:%Y-%m-%d}"
+
+
+def _extensions(ehlo: Reply) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in ehlo.lines[1:]:
+        keyword, _, params = line.partition(" ")
+        found[keyword.upper()] = params.upper()
+    return found
+
+
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    port: int
+    tls_options: Any
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Connector:
+    """Everything about dialling one upstream that is the same for every connection, computed once."""
+
+    def __init__(self, reactor: Any, config: UpstreamConfig, local_hostname: str, metrics: Metrics | None = None) -> None:
+        self.reactor = reactor
+        self.config = cfg = config
+        self.metrics = metrics or NullMetrics()
+        trust = None
+        if cfg.ca_file is not None:
+            trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))  # type: ignore[no-untyped-call]
+        self._targets = [
+            _Target(host, port, ssl.optionsForClientTLS(host, trustRoot=trust))
+            for host, port in ((cfg.host, cfg.port), *cfg.fallbacks)
+        ]
+        self._ehlo = f"EHLO {cfg.helo_name or local_hostname}".encode("ascii")
+        # One token cache per upstream account, shared by every connection (and kept across reloads
+        # while the upstream's configuration is unchanged).
+        self._tokens = TokenSource(reactor, cfg) if cfg.auth == "xoauth2" else None
+        self._factory = Factory.forProtocol(lambda: UpstreamProtocol(reactor))
+        # One "Starting factory" log line per upstream connection is noise.
+        self._factory.noisy = False
+
+    async def open(self) -> Connection:
+        """A new authenticated connection, trying each host in order.
+
+        Every failure is an UpstreamError with a 4xx for the client. The next host is tried when
+        one cannot be reached, fails TLS, times out or answers 4xx before MAIL; a 5xx (credentials
+        refused, service refused) goes back to the client, since another host would say the same.
+        """
+        failure: UpstreamError | None = None
+        for index, target in enumerate(self._targets):
+            try:
+                return await self._open(target)
+            except UpstreamError as e:
+                if not e.failover:
+                    raise
+                failure = e
+                if index + 1 < len(self._targets):
+                    log.warn("upstream host failed, trying the next", upstream=self.config.name, host=target.where, detail=e.detail)
+        assert failure is not None
+        raise failure
+
+    async def _open(self, target: _Target) -> Connection:
+        cfg = self.config
+        endpoint: Any = HostnameEndpoint(self.reactor, target.host, target.port, timeout=cfg.connect_timeout)
+        if cfg.tls == "implicit":
+            endpoint = wrapClientTLS(target.tls_options, endpoint)
+        started = self.reactor.seconds()
+        try:
+            protocol: UpstreamProtocol = await endpoint.connect(self._factory)
+        except (ConnectError, OSError) as e:
+            raise setup_failed(cfg.name, target.where, e) from None
+        self._took("connect", started)
+        try:
+            return await self._handshake(protocol, target)
+        except UpstreamError:
+            protocol.abort()
+            raise
+        except (Lost, Timeout, Desync, ReplyError) as e:
+            protocol.abort()
+            raise setup_failed(cfg.name, target.where, e) from None
+
+    def _took(self, phase: UpstreamPhase, since: float) -> None:
+        self.metrics.upstream_latency(self.config.name, phase, self.reactor.seconds() - since)
+
+    async def _handshake(self, protocol: UpstreamProtocol, target: _Target) -> Connection:
+        cfg, name, where = self.config, self.config.name, target.where
+        started = self.reactor.seconds()
+        greeting = await protocol.greeting(cfg.reply_timeout)
+        if cfg.tls == "implicit":
+            # The handshake runs before the greeting can be read.
+            self._took("tls", started)
+        if greeting.code != 220:
+            raise setup_refused(where, "greeting", greeting, Catalogue.upstream_unreachable(name))
+        ehlo = await protocol.command("EHLO", self._ehlo, cfg.reply_timeout)
+        if ehlo.code != 250:
+            raise setup_refused(where, "EHLO", ehlo, Catalogue.upstream_unreachable(name))
+        if cfg.tls == "starttls":
+            if "STARTTLS" not in _extensions(ehlo):
+                # Also what a downgrade attack looks like: never continue in plaintext.
+                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"{where} does not offer STARTTLS", failover=True, step="STARTTLS")
+            tls_started = self.reactor.seconds()
+            ready = await protocol.command("STARTTLS", b"STARTTLS", cfg.reply_timeout)
+            if ready.code != 220:
+                raise setup_refused(where, "STARTTLS", ready, Catalogue.upstream_tls_failed(name))
+            try:
+                protocol.start_tls(target.tls_options)
+            except Desync:
+                raise UpstreamError(
+                    Catalogue.upstream_tls_failed(name),
+                    f"{where} sent bytes after its 220 to STARTTLS, before the handshake (injection?)",
+                    failover=True, step="STARTTLS",
+                ) from None
+            ehlo = await protocol.command("EHLO", self._ehlo, cfg.reply_timeout)
+            self._took("tls", tls_started)
+            if ehlo.code != 250:
+                raise setup_refused(where, "EHLO after STARTTLS", ehlo, Catalogue.upstream_unreachable(name))
+        connection = Connection(protocol, cfg, _extensions(ehlo))
+        auth_started = self.reactor.seconds()
+        if self._tokens is not None and cfg.username is not None:
+            await self._authenticate_xoauth2(connection, cfg.username, self._tokens)
+            self._took("auth", auth_started)
+        elif cfg.username is not None and cfg.password is not None:
+            await self._authenticate(connection, cfg.username, cfg.password)
+            self._took("auth", auth_started)
+        return connection
+
+    async def _authenticate_xoauth2(self, connection: Connection, username: str, tokens: TokenSource) -> None:
+        protocol, cfg = connection.protocol, self.config
+        refused = Catalogue.upstream_auth_failed(cfg.name)
+        if "XOAUTH2" not in connection.extensions.get("AUTH", "").split():
+            raise UpstreamError(refused, f"upstream does not offer AUTH XOAUTH2 (AUTH {connection.extensions.get('AUTH') or 'absent'})", step="AUTH")
+        for attempt in (1, 2):
+            try:
+                token = await tokens.token()
+            except TokenError as e:
+                raise UpstreamError(Catalogue.upstream_token_failed(cfg.name), e.detail, step="AUTH") from None
+            # Sent after the 334, not on the AUTH line: a long token would pass 512 octets.
+            reply = await protocol.command("AUTH", b"AUTH XOAUTH2", cfg.reply_timeout)
+            if reply.code == 334:
+                reply = await protocol.command("AUTH", xoauth2_initial_response(username, token).encode("ascii"), cfg.reply_timeout)
+            if reply.code == 334:
+                # RFC 7628 3.2.3: the server's error comes as a challenge; an empty line ends it.
+                reply = await protocol.command("AUTH", b"", cfg.reply_timeout)
+            if reply.code == 235:
+                return
+            tokens.invalidate(token)
+            if attempt == 2 or reply.is_temporary:
+                break
+        raise UpstreamError(
+            refused, f"upstream refused the access token for {username}: {reply}", failover=reply.is_temporary,
+            step="AUTH", upstream_reply=reply,
+        )
+
+    async def _authenticate(self, connection: Connection, username: str, password: str) -> None:
+        protocol, cfg = connection.protocol, self.config
+        refused = Catalogue.upstream_auth_failed(cfg.name)
+        mechanisms = connection.extensions.get("AUTH", "").split()
+        # Error details name the reply only: the command lines carry the secret.
+        if "PLAIN" in mechanisms:
+            reply = await protocol.command("AUTH", b"AUTH PLAIN " + sasl.encode_plain(username, password).encode(), cfg.reply_timeout)
+        elif "LOGIN" in mechanisms:
+            reply = await protocol.command("AUTH", b"AUTH LOGIN", cfg.reply_timeout)
+            for secret in (username, password):
+                if reply.code != 334:
+                    break
+                reply = await protocol.command("AUTH", sasl.encode(secret).encode(), cfg.reply_timeout)
+        else:
+            raise UpstreamError(refused, f"upstream offers no PLAIN or LOGIN (AUTH {' '.join(mechanisms) or 'absent'})", step="AUTH")
+        if reply.code != 235:
+            raise UpstreamError(
+                refused, f"upstream refused the credentials for {username}: {reply}", failover=reply.is_temporary,
+                step="AUTH", upstream_reply=reply,
+            )
+
+
+def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
+    marker = b"-----END CERTIFICATE-----"
+    return [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"-----BEGIN" in part]
