@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ from OpenSSL import SSL
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 
 from relayproxy.config import UpstreamConfig
@@ -98,8 +100,13 @@ class _Target:
 class Connector:
     """Everything about dialling one upstream that is the same for every connection, computed once."""
 
-    def __init__(self, reactor: Any, config: UpstreamConfig, local_hostname: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, reactor: Any, config: UpstreamConfig, local_hostname: str, metrics: Metrics | None = None,
+        endpoint: Callable[[str, int], IStreamClientEndpoint] | None = None,
+    ) -> None:
+        """``endpoint`` makes the TCP endpoint for a host and port (tests connect in memory)."""
         self.reactor = reactor
+        self._endpoint = endpoint or (lambda host, port: HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout))
         self.config = cfg = config
         self.metrics = metrics or NullMetrics()
         trust = None
@@ -139,14 +146,15 @@ class Connector:
 
     async def _open(self, target: _Target) -> Connection:
         cfg = self.config
-        endpoint: Any = HostnameEndpoint(self.reactor, target.host, target.port, timeout=cfg.connect_timeout)
+        endpoint = self._endpoint(target.host, target.port)
         if cfg.tls == "implicit":
             endpoint = wrapClientTLS(target.tls_options, endpoint)
         started = self.reactor.seconds()
         try:
-            protocol: UpstreamProtocol = await endpoint.connect(self._factory)
+            protocol = await endpoint.connect(self._factory)
         except (ConnectError, OSError) as e:
             raise setup_failed(cfg.name, target.where, e) from None
+        assert isinstance(protocol, UpstreamProtocol)
         self._took("connect", started)
         try:
             return await self._handshake(protocol, target)

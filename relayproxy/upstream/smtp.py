@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from relayproxy.config import UpstreamConfig
@@ -26,9 +26,12 @@ log = EventLog("relayproxy.upstream")
 class SMTPUpstream:
     """One SMTP upstream account: its connector and its pool."""
 
-    def __init__(self, reactor: Any, config: UpstreamConfig, local_hostname: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, reactor: Any, config: UpstreamConfig, local_hostname: str, metrics: Metrics | None = None,
+        endpoint: Callable[[str, int], IStreamClientEndpoint] | None = None,
+    ) -> None:
         self.config = config
-        self.connector = Connector(reactor, config, local_hostname, metrics)
+        self.connector = Connector(reactor, config, local_hostname, metrics, endpoint)
         self.pool = Pool(reactor, config)
 
     async def acquire(self, client: object) -> SMTPSession:
