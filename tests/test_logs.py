@@ -49,5 +49,5 @@ def test_one_event_is_one_line_in_text_and_json(value: str, text_and_json: tuple
     [line] = text.getvalue().splitlines()
     assert line.endswith(f"[relayproxy.test#warn] auth failed client=192.0.2.1 user={json.dumps(value)}")
     [record] = jsonl.getvalue().splitlines()
-    assert record.isprintable()
+    assert record.isprintable() and f'"user": {json.dumps(value)}' in record
     assert json.loads(record)["user"] == value
