@@ -8,7 +8,6 @@ verified, and no secret or token ever enters a log line, an exception or a repr.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -69,12 +68,6 @@ class TokenError(RelayProxyError):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
-
-
-def xoauth2_initial_response(username: str, token: str) -> str:
-    """The base64 SASL XOAUTH2 response (Google's and Microsoft's format) for ``AUTH XOAUTH2``."""
-    raw = f"user={username}\x01auth=Bearer {token}\x01\x01"
-    return base64.b64encode(raw.encode("utf-8")).decode("ascii")
 
 
 def write_secret_file(path: Path, text: str) -> None:

@@ -28,7 +28,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from relayproxy.config import OAuthConfig, UpstreamConfig
-from relayproxy.oauth import DevicePrompt, TokenError, TokenSource, device_flow, xoauth2_initial_response
+from relayproxy.oauth import DevicePrompt, TokenError, TokenSource, device_flow
+from relayproxy.smtp.sasl import xoauth2_initial_response
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT_SECRET = "client-secret-value"

@@ -58,6 +58,12 @@ def encode_plain(username: str, password: str) -> str:
     return base64.b64encode(b"\x00" + username.encode() + b"\x00" + password.encode()).decode("ascii")
 
 
+def xoauth2_initial_response(username: str, token: str) -> str:
+    """The base64 SASL XOAUTH2 response (Google's and Microsoft's format) for ``AUTH XOAUTH2``."""
+    raw = f"user={username}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode("utf-8")).decode("ascii")
+
+
 def encode(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
 

@@ -18,10 +18,10 @@ from relayproxy.deadline import Deadline
 from relayproxy.errors import UpstreamError
 from relayproxy.logs import EventLog
 from relayproxy.metrics import Metrics, NullMetrics, UpstreamPhase
-from relayproxy.oauth import TokenError, TokenSource, xoauth2_initial_response
-from relayproxy.smtp import sasl
+from relayproxy.oauth import TokenError, TokenSource
+from relayproxy.smtp.client import Command, Handshake, Login, NeedToken, Refused, StartTLS
 from relayproxy.smtp.reply import Catalogue, Reply, ReplyError
-from relayproxy.upstream.failures import setup_failed, setup_refused
+from relayproxy.upstream.failures import setup_failed
 from relayproxy.upstream.protocol import Desync, Lost, Timeout, UpstreamProtocol
 
 log = EventLog("relayproxy.upstream")
@@ -76,14 +76,6 @@ class Connection:
             return version
         subject = certificate.subject.rfc4514_string()
         return f"{version}, certificate {subject}, expires {certificate.not_valid_after_utc:%Y-%m-%d}"
-
-
-def _extensions(ehlo: Reply) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in ehlo.lines[1:]:
-        keyword, _, params = line.partition(" ")
-        found[keyword.upper()] = params.upper()
-    return found
 
 
 @dataclass(frozen=True)
@@ -169,94 +161,62 @@ class Connector:
         self.metrics.upstream_latency(self.config.name, phase, self.reactor.seconds() - since)
 
     async def _handshake(self, protocol: UpstreamProtocol, target: _Target) -> Connection:
-        cfg, name, where = self.config, self.config.name, target.where
+        cfg = self.config
+        login = None
+        if cfg.username is not None and (self._tokens is not None or cfg.password is not None):
+            login = Login(cfg.username, None if self._tokens is not None else cfg.password)
+        handshake = Handshake(target.where, self._ehlo, cfg.tls == "starttls", login)
         started = self.reactor.seconds()
-        greeting = await protocol.greeting(cfg.reply_timeout)
+        step = handshake.receive(await protocol.greeting(cfg.reply_timeout))
         if cfg.tls == "implicit":
             # The handshake runs before the greeting can be read.
             self._took("tls", started)
-        if greeting.code != 220:
-            raise setup_refused(where, "greeting", greeting, Catalogue.upstream_unreachable(name))
-        ehlo = await protocol.command("EHLO", self._ehlo, cfg.reply_timeout)
-        if ehlo.code != 250:
-            raise setup_refused(where, "EHLO", ehlo, Catalogue.upstream_unreachable(name))
-        if cfg.tls == "starttls":
-            if "STARTTLS" not in _extensions(ehlo):
-                # Also what a downgrade attack looks like: never continue in plaintext.
-                raise UpstreamError(Catalogue.upstream_tls_failed(name), f"{where} does not offer STARTTLS", failover=True, step="STARTTLS")
-            tls_started = self.reactor.seconds()
-            ready = await protocol.command("STARTTLS", b"STARTTLS", cfg.reply_timeout)
-            if ready.code != 220:
-                raise setup_refused(where, "STARTTLS", ready, Catalogue.upstream_tls_failed(name))
-            try:
-                protocol.start_tls(target.tls_options)
-            except Desync:
-                raise UpstreamError(
-                    Catalogue.upstream_tls_failed(name),
-                    f"{where} sent bytes after its 220 to STARTTLS, before the handshake (injection?)",
-                    failover=True, step="STARTTLS",
-                ) from None
-            ehlo = await protocol.command("EHLO", self._ehlo, cfg.reply_timeout)
-            self._took("tls", tls_started)
-            if ehlo.code != 250:
-                raise setup_refused(where, "EHLO after STARTTLS", ehlo, Catalogue.upstream_unreachable(name))
-        connection = Connection(protocol, cfg, _extensions(ehlo))
+        tls_started: float | None = None
         auth_started = self.reactor.seconds()
-        if self._tokens is not None and cfg.username is not None:
-            await self._authenticate_xoauth2(connection, cfg.username, self._tokens)
-            self._took("auth", auth_started)
-        elif cfg.username is not None and cfg.password is not None:
-            await self._authenticate(connection, cfg.username, cfg.password)
-            self._took("auth", auth_started)
-        return connection
+        while True:
+            if isinstance(step, Command):
+                if step.step == "STARTTLS":
+                    tls_started = self.reactor.seconds()
+                reply = await protocol.command(step.step, step.line, cfg.reply_timeout)
+                if step.step == "EHLO":
+                    if tls_started is not None:
+                        self._took("tls", tls_started)
+                    auth_started = self.reactor.seconds()
+                step = handshake.receive(reply)
+            elif isinstance(step, StartTLS):
+                try:
+                    protocol.start_tls(target.tls_options)
+                except Desync:
+                    raise UpstreamError(
+                        Catalogue.upstream_tls_failed(cfg.name),
+                        f"{target.where} sent bytes after its 220 to STARTTLS, before the handshake (injection?)",
+                        failover=True, step="STARTTLS",
+                    ) from None
+                step = handshake.secured()
+            elif isinstance(step, NeedToken):
+                assert self._tokens is not None
+                try:
+                    token = await self._tokens.token()
+                except TokenError as e:
+                    raise UpstreamError(Catalogue.upstream_token_failed(cfg.name), e.detail, step="AUTH") from None
+                step = handshake.token(token)
+            elif isinstance(step, Refused):
+                raise UpstreamError(
+                    _REFUSALS[step.kind](cfg.name), step.detail, failover=step.failover, step=step.step, upstream_reply=step.reply,
+                )
+            else:
+                if login is not None:
+                    self._took("auth", auth_started)
+                return Connection(protocol, cfg, step.extensions)
+            if isinstance(step, NeedToken | Refused) and step.revoked is not None and self._tokens is not None:
+                self._tokens.invalidate(step.revoked)
 
-    async def _authenticate_xoauth2(self, connection: Connection, username: str, tokens: TokenSource) -> None:
-        protocol, cfg = connection.protocol, self.config
-        refused = Catalogue.upstream_auth_failed(cfg.name)
-        if "XOAUTH2" not in connection.extensions.get("AUTH", "").split():
-            raise UpstreamError(refused, f"upstream does not offer AUTH XOAUTH2 (AUTH {connection.extensions.get('AUTH') or 'absent'})", step="AUTH")
-        for attempt in (1, 2):
-            try:
-                token = await tokens.token()
-            except TokenError as e:
-                raise UpstreamError(Catalogue.upstream_token_failed(cfg.name), e.detail, step="AUTH") from None
-            # Sent after the 334, not on the AUTH line: a long token would pass 512 octets.
-            reply = await protocol.command("AUTH", b"AUTH XOAUTH2", cfg.reply_timeout)
-            if reply.code == 334:
-                reply = await protocol.command("AUTH", xoauth2_initial_response(username, token).encode("ascii"), cfg.reply_timeout)
-            if reply.code == 334:
-                # RFC 7628 3.2.3: the server's error comes as a challenge; an empty line ends it.
-                reply = await protocol.command("AUTH", b"", cfg.reply_timeout)
-            if reply.code == 235:
-                return
-            tokens.invalidate(token)
-            if attempt == 2 or reply.is_temporary:
-                break
-        raise UpstreamError(
-            refused, f"upstream refused the access token for {username}: {reply}", failover=reply.is_temporary,
-            step="AUTH", upstream_reply=reply,
-        )
 
-    async def _authenticate(self, connection: Connection, username: str, password: str) -> None:
-        protocol, cfg = connection.protocol, self.config
-        refused = Catalogue.upstream_auth_failed(cfg.name)
-        mechanisms = connection.extensions.get("AUTH", "").split()
-        # Error details name the reply only: the command lines carry the secret.
-        if "PLAIN" in mechanisms:
-            reply = await protocol.command("AUTH", b"AUTH PLAIN " + sasl.encode_plain(username, password).encode(), cfg.reply_timeout)
-        elif "LOGIN" in mechanisms:
-            reply = await protocol.command("AUTH", b"AUTH LOGIN", cfg.reply_timeout)
-            for secret in (username, password):
-                if reply.code != 334:
-                    break
-                reply = await protocol.command("AUTH", sasl.encode(secret).encode(), cfg.reply_timeout)
-        else:
-            raise UpstreamError(refused, f"upstream offers no PLAIN or LOGIN (AUTH {' '.join(mechanisms) or 'absent'})", step="AUTH")
-        if reply.code != 235:
-            raise UpstreamError(
-                refused, f"upstream refused the credentials for {username}: {reply}", failover=reply.is_temporary,
-                step="AUTH", upstream_reply=reply,
-            )
+_REFUSALS = {
+    "unreachable": Catalogue.upstream_unreachable,
+    "tls": Catalogue.upstream_tls_failed,
+    "auth": Catalogue.upstream_auth_failed,
+}
 
 
 def _load_certificates(pem: bytes) -> list[ssl.Certificate]:

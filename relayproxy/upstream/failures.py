@@ -7,7 +7,7 @@ from service_identity import VerificationError
 from twisted.internet.error import ConnectError
 
 from relayproxy.errors import UpstreamError
-from relayproxy.smtp.reply import Catalogue, Reply
+from relayproxy.smtp.reply import Catalogue
 from relayproxy.upstream.protocol import Desync, Lost, Timeout
 
 
@@ -23,13 +23,6 @@ def setup_failed(name: str, where: str, error: Exception) -> UpstreamError:
     if isinstance(error, OSError | ConnectError):
         return UpstreamError(Catalogue.upstream_unreachable(name), f"connect to {where}: {error}", failover=True)
     return UpstreamError(Catalogue.upstream_unreachable(name), f"{where}: setup failed: {type(error).__name__} {error}", failover=True)
-
-
-def setup_refused(where: str, step: str, reply: Reply, why: Reply) -> UpstreamError:
-    """The upstream answered a setup step with a refusal; a 4xx may go better at the next host, a 5xx would not."""
-    return UpstreamError(
-        why, f"{where}: {step} refused: {reply}", failover=reply.is_temporary, step=step.split()[0], upstream_reply=reply
-    )
 
 
 def exchange_failed(name: str, step: str, error: Exception) -> UpstreamError:
