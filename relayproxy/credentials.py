@@ -186,6 +186,11 @@ class UsersFileChecker:
         self._cache: dict[bytes, tuple[float, tuple[int, int, int, int], bytes]] = {}
         self._key = secrets.token_bytes(32)
 
+    def known(self, name: str) -> bool:
+        """Whether ``name`` is in the users file as last read; no file access, so fine on the reactor thread."""
+        snapshot = self._snapshot
+        return snapshot is not None and name in snapshot.users
+
     def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[AvatarId]:
         username: str | bytes = credentials.username
         password: str | bytes = credentials.password
@@ -261,6 +266,22 @@ def _text_or_none(name: str | bytes) -> str | None:
     except UnicodeDecodeError:
         # Such a name cannot be in the file, which is read as UTF-8.
         return None
+
+
+_NAME_KEY = secrets.token_bytes(32)
+
+
+def name_digest(name: str) -> str:
+    """How a user name that is not in the users file is logged: often it is a password typed into
+    the wrong field, so never as typed; a keyed digest stable within one run, so repeated guesses
+    still correlate in the log."""
+    return "unknown-" + hmac.digest(_NAME_KEY, name.encode("utf-8", "surrogatepass"), "sha256")[:5].hex()
+
+
+def known_names(portal: Portal) -> Callable[[str], bool] | None:
+    """The users file's membership test of ``portal``'s checker, if it has one."""
+    checker = portal.checkers.get(IUsernamePassword)
+    return checker.known if isinstance(checker, UsersFileChecker) else None
 
 
 @implementer(IRealm)

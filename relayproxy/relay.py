@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
-from relayproxy.credentials import IRelayUser, RelayUser
+from relayproxy.credentials import IRelayUser, RelayUser, name_digest
 from relayproxy.errors import UpstreamError
 from relayproxy.explain import codes_of, hint, upstream_failure_hint
 from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter, utc
@@ -70,6 +70,8 @@ class ServerSettings:
     """Per-user sending budgets; None: none enforced."""
     logins: FirstSeen | None = field(default=None, repr=False)
     """Which (user, address) logins were logged lately; None: log every login."""
+    known_user: Callable[[str], bool] | None = field(default=None, repr=False)
+    """Whether a name is in the users file; None: every name is logged as typed."""
 
     @property
     def implicit_tls(self) -> bool:
@@ -287,7 +289,8 @@ class Relay:
             return Catalogue.AUTH_TEMPORARY
         if wait > 0:
             self.s.metrics.auth("throttled")
-            log.warn("auth throttled", client=self.peer, user=username or "-", seconds=round(wait), session=self.session_id)
+            shown = self._shown(username) if username is not None else "-"
+            log.warn("auth throttled", client=self.peer, user=shown, seconds=round(wait), session=self.session_id)
             return Catalogue.AUTH_TEMPORARY
         return None
 
@@ -321,12 +324,17 @@ class Relay:
             # The next AUTH finds the store unavailable too and gets 454 without a password check.
             self._store_unavailable(e, "AUTH")
         self.s.metrics.auth("failed")
+        shown = self._shown(username)
         # One line per failure, stable for fail2ban: the client address comes first.
         log.warn(
-            "auth failed", client=self.peer, user=username, reason=reason, session=self.session_id,
-            hint=hint(535, "5.7.8", side="client", command="AUTH", user=username),
+            "auth failed", client=self.peer, user=shown, reason=reason, session=self.session_id,
+            hint=hint(535, "5.7.8", side="client", command="AUTH", user=shown),
         )
         return Catalogue.AUTH_INVALID
+
+    def _shown(self, username: str) -> str:
+        known = self.s.known_user
+        return username if known is None or known(username) else name_digest(username)
 
     # -- the envelope -------------------------------------------------------------------------
 

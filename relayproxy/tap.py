@@ -23,7 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from relayproxy.config import Config, ListenerConfig, TLSConfig, load_config
-from relayproxy.credentials import make_portal
+from relayproxy.credentials import known_names, make_portal
 from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter
 from relayproxy.listening import CannotListen, ListenerService, bind_all
@@ -204,6 +204,7 @@ class RelayService(MultiService):
             metrics=self.metrics,
             budgets=self._budgets,
             logins=self._logins,
+            known_user=known_names(portal),
         )
 
     def _listener(self, config: Config, listener: ListenerConfig, shared: Shared, tls: ReloadableServerTLS | None) -> _Listener:
