@@ -116,18 +116,24 @@ class UserConfig:
     """Messages the upstream accepted for this user in the last hour, at most; None: unlimited."""
     max_recipients_per_day: int | None = None
     """Accepted recipients of those messages in the last 24 hours, at most; None: unlimited."""
+    check_header_from: bool = True
+    """With allowed_senders: the header From and Sender must be allowed addresses too."""
 
     def may_send(self, address: str) -> bool:
-        """May this user use ``address`` as the envelope sender (MAIL FROM)?"""
+        """May this user use ``address`` as a sender (MAIL FROM, and the header From and Sender)?"""
         if not self.allowed_senders:
             return True
         address = address.lower()
         # rpartition: a quoted local part may itself contain "@".
-        _, at, domain = address.rpartition("@")
+        local, at, domain = address.rpartition("@")
+        # A quoted local part, a percent hack or a bang path names another mailbox to a server that
+        # still honours them ("ceo@example.org"@d, ceo%example.org@d, ceo!example.org@d): a domain
+        # entry does not cover them, only an exact one.
+        routed = local.startswith('"') or "%" in local or "!" in local
         for allowed in self.allowed_senders:
             allowed = allowed.lower()
             if allowed.startswith("@"):
-                if at and allowed == "@" + domain:
+                if at and allowed == "@" + domain and not routed:
                     return True
             elif allowed == address:
                 return True
@@ -1017,7 +1023,7 @@ def _read_users(
     users = {}
     upstream_list = ", ".join(upstreams) or "none"
     for name, table in top.subtables("users"):
-        table.check_known(["upstream", "allowed_senders", *_USER_BUDGETS])
+        table.check_known(["upstream", "allowed_senders", "check_header_from", *_USER_BUDGETS])
         upstream = table.string("upstream", "write the name of an [upstream.NAME] section") or DEFAULT_UPSTREAM
         if upstreams and upstream not in upstreams:
             table.problem(
@@ -1037,6 +1043,7 @@ def _read_users(
             name, upstream, tuple(senders),
             max_messages_per_hour=table.integer("max_messages_per_hour", 0, budget_fix, low=1, high=10**9) or None,
             max_recipients_per_day=table.integer("max_recipients_per_day", 0, budget_fix, low=1, high=10**9) or None,
+            check_header_from=table.boolean("check_header_from", True),
         )
     if upstreams and DEFAULT_UPSTREAM not in upstreams:
         for name in sorted(user_names - users.keys()):

@@ -53,7 +53,7 @@ def test_over_long_header_block_is_refused(make_proxy: ProxyFactory, make_smarth
         extra="[limits]\nmax_header_size = 1024\n",
     )
     headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 60) for i in range(40))
-    assert send(proxy, pki, headers + b"\r\nbody\r\n") == (552, b"5.3.4 Message header block too big to rewrite the From")
+    assert send(proxy, pki, headers + b"\r\nbody\r\n") == (552, b"5.3.4 Message header block too big to check or rewrite the From")
     assert smarthost.received == []
 
 

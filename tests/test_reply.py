@@ -292,7 +292,7 @@ def test_catalogue_codes() -> None:
 def test_long_names_in_composed_replies() -> None:
     """A long host or user name makes a too-long reply fail loudly rather than go out oversized."""
     name = "u" * 600
-    for make in (Catalogue.sender_not_owned, Catalogue.timeout, Catalogue.closing, Catalogue.upstream_unreachable):
+    for make in (Catalogue.sender_not_owned, Catalogue.header_sender_not_owned, Catalogue.timeout, Catalogue.closing, Catalogue.upstream_unreachable):
         with pytest.raises(ReplyError):
             make(name)
 

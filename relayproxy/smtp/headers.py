@@ -1,4 +1,5 @@
-"""Rewriting the header From of a streaming message (providers refuse a From that is not theirs).
+"""The header From of a streaming message: who it claims to be from, and rewriting it (providers
+refuse a From that is not theirs).
 
 Only the header block is held, up to a bound; the body streams past unchanged. Input and output
 are the wire form BodyDecoder produces: CRLF line ends, dot-stuffed lines.
@@ -7,10 +8,12 @@ are the wire form BodyDecoder produces: CRLF line ends, dot-stuffed lines.
 from __future__ import annotations
 
 import re
+from email.utils import getaddresses
 
 _END_OF_HEADER = b"\r\n\r\n"
 _FROM = re.compile(rb"^from[ \t]*:", re.IGNORECASE)
 _REPLY_TO = re.compile(rb"^reply-to[ \t]*:", re.IGNORECASE)
+_SENDERS = re.compile(rb"^(?:from|sender)[ \t]*:", re.IGNORECASE)
 
 
 class HeaderTooLong(Exception):
@@ -55,12 +58,7 @@ class FromRewriter:
         return self._rewrite(header) + rest
 
     def _rewrite(self, header: bytes) -> bytes:
-        fields: list[bytes] = []
-        for line in header.split(b"\r\n")[:-1]:
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1] += b"\r\n" + line
-            else:
-                fields.append(line)
+        fields = _fields(header)
         has_reply_to = any(_REPLY_TO.match(f) for f in fields)
         replacement = [b"From: " + self._from]
         out: list[bytes] = []
@@ -74,3 +72,49 @@ class FromRewriter:
                 replacement = []
         # A message without a From gets one at the top; a second From is dropped with the first.
         return b"".join(f + b"\r\n" for f in replacement + out)
+
+
+def _fields(header: bytes) -> list[bytes]:
+    """The header block's fields, folded lines joined to their field (RFC 5322 2.2.3)."""
+    fields: list[bytes] = []
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        elif line:
+            fields.append(line)
+    return fields
+
+
+class HeaderSenders:
+    """Reads, without holding the stream up, the addresses a message's From and Sender fields name."""
+
+    def __init__(self, max_header: int) -> None:
+        self._max = max_header
+        self._held = b""
+        self.addresses: list[str] | None = None
+        """Set once the header block is complete: every address of every From and Sender field."""
+
+    def feed(self, data: bytes) -> None:
+        """Raises HeaderTooLong when the block passes the bound before its end."""
+        if self.addresses is not None:
+            return
+        self._held += data
+        end = 0 if self._held.startswith(b"\r\n") else self._held.find(_END_OF_HEADER)
+        if (end if end >= 0 else len(self._held)) > self._max:
+            raise HeaderTooLong()
+        if end >= 0:
+            self._read(self._held[:end])
+
+    def finish(self) -> None:
+        """At end of data: a message that is all header still has its senders read."""
+        if self.addresses is None:
+            self._read(self._held)
+
+    def _read(self, header: bytes) -> None:
+        self._held = b""
+        values = [
+            field.split(b":", 1)[1].replace(b"\r\n", b"").decode("utf-8", "replace")
+            for field in _fields(header) if _SENDERS.match(field)
+        ]
+        # An unparseable field yields an empty address, which no allowed sender matches.
+        self.addresses = [address for _, address in getaddresses(values)] if values else []

@@ -141,6 +141,11 @@ def parse_reply(data: bytes) -> Reply:
     return result
 
 
+def _shown(name: str) -> str:
+    # A user name may hold any printable character; a reply line only printable ASCII.
+    return name.encode("ascii", "backslashreplace").decode("ascii")[:64]
+
+
 def composed(code: int, enhanced: str, text: str) -> Reply:
     return Reply(code, (text,), enhanced)
 
@@ -212,7 +217,7 @@ class Catalogue:
     NO_VALID_RECIPIENTS = composed(554, "5.5.1", "No valid recipients")
     TOO_MANY_RECIPIENTS = composed(452, "4.5.3", "Too many recipients")
     MESSAGE_TOO_BIG = composed(552, "5.3.4", "Message size exceeds fixed maximum message size")
-    HEADER_TOO_BIG = composed(552, "5.3.4", "Message header block too big to rewrite the From")
+    HEADER_TOO_BIG = composed(552, "5.3.4", "Message header block too big to check or rewrite the From")
     BODY_LINE_TOO_LONG = composed(554, "5.6.0", "Message refused: a line is longer than 1000 octets")
     BODY_NUL = composed(554, "5.6.0", "Message refused: NUL character in message")
     UPSTREAM_LOST = composed(451, "4.4.2", "Upstream connection lost, try again later")
@@ -245,11 +250,14 @@ class Catalogue:
         return composed(553, "5.7.1", f"Sender address not owned by user {user}")
 
     @staticmethod
+    def header_sender_not_owned(user: str) -> Reply:
+        """The header From or Sender is not one of the user's allowed senders (after the end of data)."""
+        return composed(550, "5.7.1", f"Header From or Sender address not owned by user {user}")
+
+    @staticmethod
     def sending_limit(name: str, time: str) -> Reply:
         """The user's messages per hour or recipients per day are used up until ``time`` (UTC, ISO 8601)."""
-        # A user name may hold any printable character; a reply line only printable ASCII.
-        shown = name.encode("ascii", "backslashreplace").decode("ascii")[:64]
-        return composed(451, "4.7.1", f"Sending limit reached for {shown}, try again after {time}")
+        return composed(451, "4.7.1", f"Sending limit reached for {_shown(name)}, try again after {time}")
 
     @staticmethod
     def upstream_unreachable(name: str) -> Reply:
