@@ -12,6 +12,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import PKI, Proxy, Recorder, Smarthost, recorder_upstream, smarthost_upstream, start_proxy, write_config  # noqa: E402
+from peers import Action, Certificate, ScriptedUpstream, issue  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +52,41 @@ def recorder_proxy(tmp_path: Path, pki: PKI, recorder: Recorder) -> Iterator[Pro
 
 ProxyFactory = Callable[..., Proxy]
 SmarthostFactory = Callable[..., Smarthost]
+UpstreamFactory = Callable[..., ScriptedUpstream]
+
+
+@pytest.fixture
+def make_upstream(pki: PKI) -> Iterator[UpstreamFactory]:
+    """Start scripted upstreams: ``make_upstream({"RCPT": DROP}, tls="starttls", delay=0.05)``.
+
+    With TLS and no ``certificate``, one for localhost from the session's CA.
+    """
+    started: list[ScriptedUpstream] = []
+
+    def make(
+        script: dict[str, Action] | None = None, *, tls: str = "none", certificate: Certificate | None = None, **kwargs: Any
+    ) -> ScriptedUpstream:
+        if tls != "none" and certificate is None:
+            certificate = issue(pki.ca, pki.dir, "scripted-localhost", "localhost")
+        upstream = ScriptedUpstream(script, tls=tls, certificate=certificate, **kwargs)
+        started.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in started:
+        upstream.stop()
+
+
+@pytest.fixture
+def upstream(make_upstream: UpstreamFactory) -> ScriptedUpstream:
+    """A plaintext scripted upstream with the default script: it accepts everything and records it."""
+    return make_upstream()
+
+
+@pytest.fixture
+def upstream_proxy(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> Proxy:
+    """A proxy whose upstream is ``upstream``."""
+    return make_proxy(upstream.toml())
 
 
 @pytest.fixture

@@ -25,18 +25,15 @@ from harness import (
     CLIENT_USER,
     PKI,
     Proxy,
-    Recorder,
-    auth_plain_line,
     fields_of,
     free_port,
-    recorder_upstream,
     start_proxy,
     wait_for,
     wait_listening,
     write_config,
 )
 
-from adversarial.clients import Client
+from peers import Client, ScriptedUpstream, auth_plain
 from relayproxy import proxyprotocol
 from relayproxy.proxyprotocol import ProxyHeaderError, parse_header
 from relayproxy.smtp.reply import Catalogue
@@ -122,7 +119,7 @@ class Behind:
 
     def connect(self, header: bytes | None = None, **kwargs: Any) -> Client:
         """A client on the PROXY listener; with ``header``, sent first and the greeting read."""
-        client = Client(self.port, connect=False, **kwargs)
+        client = Client(self.port, read_greeting=False, **kwargs)
         if header is not None:
             client.send(header)
             client.greeting = client.reply()
@@ -133,7 +130,7 @@ Launch = Callable[..., Behind]
 
 
 @pytest.fixture
-def launch(tmp_path: Path, pki: PKI, recorder: Recorder) -> Iterator[Launch]:
+def launch(tmp_path: Path, pki: PKI, upstream: ScriptedUpstream) -> Iterator[Launch]:
     """``launch(tls="none", limits="max_connections_per_ip = 1")``: the three usual listeners
     plus a fourth, ``haproxy:tcp:PORT:interface=127.0.0.1`` (a [[listener]] after other tables)."""
     started: list[Proxy] = []
@@ -145,7 +142,7 @@ def launch(tmp_path: Path, pki: PKI, recorder: Recorder) -> Iterator[Launch]:
         extra = (f"[limits]\n{limits}\n" if limits else "") + (
             f'\n[[listener]]\nendpoint = "haproxy:tcp:{port}:interface=127.0.0.1"\ntls = "{tls}"\n'
         )
-        path, ports = write_config(directory, pki, recorder_upstream(recorder), extra=extra)
+        path, ports = write_config(directory, pki, upstream.toml(), extra=extra)
         proxy = start_proxy(path, ports)
         started.append(proxy)
         assert proxy.service.config.listeners[-1].endpoint.startswith("haproxy:tcp:")
@@ -160,17 +157,15 @@ def launch(tmp_path: Path, pki: PKI, recorder: Recorder) -> Iterator[Launch]:
 
 def failed_auth(client: Client) -> None:
     client.ehlo()
-    assert client.command(auth_plain_line(CLIENT_USER, "wrong").rstrip(b"\r\n")).startswith(b"535 ")
+    assert client.command(auth_plain(CLIENT_USER, "wrong")).startswith(b"535 ")
 
 
 def test_v1_header_then_smtp_with_the_clients_address(launch: Launch, events: list[dict[str, Any]]) -> None:
     behind = launch()
     with behind.connect() as client:
-        # Nothing until the header: the session has not started.
-        client.sock.settimeout(0.3)
-        with pytest.raises(socket.timeout):
-            client.sock.recv(1)
-        client.sock.settimeout(15)
+        # Nothing until the header: the session has not started (and the connection stays open).
+        assert client.pending(0.3) == []
+        assert client.buf == b""
         client.send(V1)
         assert client.reply() == GREETING
         failed_auth(client)
@@ -302,7 +297,7 @@ def test_implicit_tls_behind_the_header(launch: Launch, pki: PKI, events: list[d
     behind = launch(tls="implicit")
     with behind.connect() as client:
         client.send(v2("203.0.113.7"))
-        client.sock = pki.client_context().wrap_socket(client.sock, server_hostname="relay.test")
+        client.starttls(pki.client_context())
         assert client.reply() == GREETING
         failed_auth(client)
     wait_for(lambda: bool(fields_of(events, "auth failed")))
@@ -418,7 +413,7 @@ def haproxy_version(haproxy_bin: str) -> str:
 def test_through_haproxy(
     launch: Launch,
     run_haproxy: Callable[[str], HAProxy],
-    recorder: Recorder,
+    upstream: ScriptedUpstream,
     pki: PKI,
     events: list[dict[str, Any]],
     send_proxy: str,
@@ -450,7 +445,7 @@ backend relayproxy
     assert [f["client"] for f in fields_of(events, "auth ok")] == ["127.0.0.9"]
     [message] = fields_of(events, "message")
     assert message["client"] == "127.0.0.9" and message["outcome"] == "relayed"
-    assert recorder.bodies and b"via HAProxy" in recorder.bodies[-1]
+    assert upstream.bodies and b"via HAProxy" in upstream.bodies[-1]
 
 
 def test_haproxy_health_checks_pass(launch: Launch, run_haproxy: Callable[[str], HAProxy], haproxy_bin: str) -> None:

@@ -7,10 +7,10 @@ import time
 
 import bcrypt
 import pytest
-from harness import PKI, Proxy, Recorder, recorder_upstream
+from harness import PKI, Proxy
+from peers import Client, ScriptedUpstream, auth_plain, b64, expect
 from relayproxy.smtp.reply import Catalogue
 
-from .clients import Client, auth_plain, b64, expect
 from .support import Launch, LogCapture
 
 AUTH_OK = expect(Catalogue.AUTH_OK, b"235 2.7.0")
@@ -33,8 +33,8 @@ def tls_client(proxy: Proxy, pki: PKI, source: str = "127.0.0.1") -> Client:
 
 
 @pytest.fixture
-def auth_proxy(launch: Launch, recorder: Recorder) -> Proxy:
-    return launch(recorder_upstream(recorder), users=USERS)
+def auth_proxy(launch: Launch, upstream: ScriptedUpstream) -> Proxy:
+    return launch(upstream.toml(), users=USERS)
 
 
 def test_auth_plain_with_empty_challenge(auth_proxy: Proxy, pki: PKI) -> None:
@@ -174,7 +174,7 @@ def test_auth_before_ehlo(auth_proxy: Proxy, pki: PKI) -> None:
     c.close()
 
 
-def test_mail_without_auth(auth_proxy: Proxy, pki: PKI, recorder: Recorder) -> None:
+def test_mail_without_auth(auth_proxy: Proxy, pki: PKI, upstream: ScriptedUpstream) -> None:
     """Attack: MAIL, RCPT and DATA without authenticating (RFC 4954 6: 530 5.7.0)."""
     c = tls_client(auth_proxy, pki)
     required = expect(Catalogue.AUTH_REQUIRED, b"530 5.7.0")
@@ -182,12 +182,12 @@ def test_mail_without_auth(auth_proxy: Proxy, pki: PKI, recorder: Recorder) -> N
     assert c.command(b"RCPT TO:<bob@example.net>") == required
     assert c.command(b"DATA") == required
     c.close()
-    assert recorder.sessions == []
+    assert upstream.sessions == []
 
 
-def test_auth_throttled_per_ip(launch: Launch, recorder: Recorder, pki: PKI) -> None:
+def test_auth_throttled_per_ip(launch: Launch, upstream: ScriptedUpstream, pki: PKI) -> None:
     """Attack: password guessing past auth_failures_per_ip: 454 4.7.0, even for the right password."""
-    proxy = launch(recorder_upstream(recorder), users=USERS, limits="auth_failures_per_ip = 2\nmax_auth_failures_per_session = 5")
+    proxy = launch(upstream.toml(), users=USERS, limits="auth_failures_per_ip = 2\nmax_auth_failures_per_session = 5")
     c = tls_client(proxy, pki, source="127.0.0.2")
     assert c.command(auth_plain("app1", "guess1")) == INVALID
     assert c.command(auth_plain("app1", "guess2")) == INVALID
@@ -201,7 +201,7 @@ def test_auth_throttled_per_ip(launch: Launch, recorder: Recorder, pki: PKI) -> 
 
 
 def test_hundred_wrong_passwords_from_one_ip(
-    launch: Launch, recorder: Recorder, pki: PKI, twisted_log: LogCapture, monkeypatch: pytest.MonkeyPatch
+    launch: Launch, upstream: ScriptedUpstream, pki: PKI, twisted_log: LogCapture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Attack: 100 wrong passwords for one user from one IP (online guessing, log injection of secrets)."""
     checks = []
@@ -212,7 +212,7 @@ def test_hundred_wrong_passwords_from_one_ip(
         return real_checkpw(password, hashed)
 
     monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
-    proxy = launch(recorder_upstream(recorder), users=USERS)
+    proxy = launch(upstream.toml(), users=USERS)
     passwords = [f"Guess-{i:03d}-s3cret" for i in range(100)]
     closed_sessions = 0
     replies: list[bytes] = []

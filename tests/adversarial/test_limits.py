@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 
-from harness import Proxy, Recorder, recorder_upstream, wait_for
+from harness import Proxy, wait_for
+from peers import Client, ScriptedUpstream, expect, ready
 from relayproxy.smtp.reply import Catalogue
 
-from .clients import Client, expect, ready
 from .support import Launch, read_wire
 
 OK = expect(Catalogue.OK, b"250 2.0.0")
@@ -16,9 +16,9 @@ GREETING = Catalogue.greeting("relay.test").to_bytes()
 QUEUED = b"250 2.0.0 Ok: queued as REC1\r\n"
 
 
-def test_connections_over_per_ip_limit(launch: Launch, recorder: Recorder) -> None:
+def test_connections_over_per_ip_limit(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: connection flood from one address past max_connections_per_ip."""
-    proxy = launch(recorder_upstream(recorder), limits="max_connections_per_ip = 3")
+    proxy = launch(upstream.toml(), limits="max_connections_per_ip = 3")
     held = [Client(proxy.plain_port, source="127.0.0.2") for _ in range(3)]
     assert [c.greeting for c in held] == [GREETING] * 3
     refusals = []
@@ -48,10 +48,10 @@ def test_connections_over_per_ip_limit(launch: Launch, recorder: Recorder) -> No
     assert refusals == [expect(Catalogue.too_many_connections("relay.test"), b"421 4.7.0")] * 3
 
 
-def test_early_talker(launch: Launch, recorder: Recorder) -> None:
+def test_early_talker(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: a spambot that talks before the greeting (greeting_delay > 0)."""
-    proxy = launch(recorder_upstream(recorder), limits="greeting_delay = 1")
-    c = Client(proxy.plain_port, connect=False)
+    proxy = launch(upstream.toml(), limits="greeting_delay = 1")
+    c = Client(proxy.plain_port, read_greeting=False)
     c.send(b"EHLO bot.example\r\nMAIL FROM:<a@b.example>\r\n")
     refusal = c.reply()
     assert refusal.startswith(b"554 "), "no 220 (or anything else) may come first"
@@ -67,9 +67,9 @@ def test_early_talker(launch: Launch, recorder: Recorder) -> None:
     assert refusal == expect(Catalogue.EARLY_TALKER, b"554 5.5.0")
 
 
-def test_twenty_unknown_commands(recorder_proxy: Proxy) -> None:
+def test_twenty_unknown_commands(upstream_proxy: Proxy) -> None:
     """Attack: junk commands in a row (protocol fuzzing, HTTP to the SMTP port)."""
-    c = Client(recorder_proxy.plain_port)
+    c = Client(upstream_proxy.plain_port)
     c.ehlo()
     unknown = expect(Catalogue.UNRECOGNIZED, b"500 5.5.1")
     for i in range(19):
@@ -80,9 +80,9 @@ def test_twenty_unknown_commands(recorder_proxy: Proxy) -> None:
     c.close()
 
 
-def test_unknown_commands_count_resets_on_valid_command(recorder_proxy: Proxy) -> None:
+def test_unknown_commands_count_resets_on_valid_command(upstream_proxy: Proxy) -> None:
     """Attack surface: the invalid-command limit counts in a row, so a working client is not cut off."""
-    c = Client(recorder_proxy.plain_port)
+    c = Client(upstream_proxy.plain_port)
     c.ehlo()
     unknown = expect(Catalogue.UNRECOGNIZED, b"500 5.5.1")
     for _ in range(3):
@@ -92,9 +92,9 @@ def test_unknown_commands_count_resets_on_valid_command(recorder_proxy: Proxy) -
     c.close()
 
 
-def test_idle_client_times_out(launch: Launch, recorder: Recorder) -> None:
+def test_idle_client_times_out(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: a client that connects and goes quiet (slot exhaustion)."""
-    proxy = launch(recorder_upstream(recorder), limits="command_timeout = 1")
+    proxy = launch(upstream.toml(), limits="command_timeout = 1")
     c = Client(proxy.plain_port)
     c.ehlo()
     start = time.monotonic()
@@ -104,9 +104,9 @@ def test_idle_client_times_out(launch: Launch, recorder: Recorder) -> None:
     c.close()
 
 
-def test_idle_client_mid_data_times_out_without_delivery(launch: Launch, recorder: Recorder) -> None:
+def test_idle_client_mid_data_times_out_without_delivery(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: a client that stops mid-body (slowloris); the partial message must not be delivered."""
-    proxy = launch(recorder_upstream(recorder), limits="data_timeout = 1")
+    proxy = launch(upstream.toml(), limits="data_timeout = 1")
     c = ready(proxy.plain_port)
     c.envelope()
     assert c.command(b"DATA") == b"354 go ahead\r\n"
@@ -114,13 +114,13 @@ def test_idle_client_mid_data_times_out_without_delivery(launch: Launch, recorde
     assert c.reply() == expect(Catalogue.timeout("relay.test"), b"421 4.4.2")
     assert c.wait_closed() == b""
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
-    assert read_wire(recorder.data).bodies == []
+    wait_for(lambda: upstream.closed >= 1)
+    assert read_wire(upstream.data).bodies == []
 
 
-def test_mail_size_parameter_over_limit(launch: Launch, recorder: Recorder) -> None:
+def test_mail_size_parameter_over_limit(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: MAIL FROM with SIZE= above max_message_size."""
-    proxy = launch(recorder_upstream(recorder), server="max_message_size = 10000")
+    proxy = launch(upstream.toml(), server="max_message_size = 10000")
     c = Client(proxy.plain_port)
     assert b"250-SIZE 10000\r\n" in c.ehlo()
     c.login()
@@ -128,12 +128,12 @@ def test_mail_size_parameter_over_limit(launch: Launch, recorder: Recorder) -> N
     assert c.command(b"MAIL FROM:<app1@example.org> SIZE=10001") == too_big
     assert c.command(b"MAIL FROM:<app1@example.org> SIZE=99999999999999999999999999") == too_big
     c.close()
-    assert recorder.sessions == []
+    assert upstream.sessions == []
 
 
-def test_body_over_max_message_size(launch: Launch, recorder: Recorder) -> None:
+def test_body_over_max_message_size(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: a body over max_message_size (declared small, or not declared at all)."""
-    proxy = launch(recorder_upstream(recorder), server="max_message_size = 10000")
+    proxy = launch(upstream.toml(), server="max_message_size = 10000")
     c = ready(proxy.plain_port)
     assert c.command(b"MAIL FROM:<app1@example.org> SIZE=500") == b"250 2.0.0 OK\r\n"
     assert c.command(b"RCPT TO:<bob@example.net>") == b"250 2.0.0 OK\r\n"
@@ -142,14 +142,14 @@ def test_body_over_max_message_size(launch: Launch, recorder: Recorder) -> None:
     assert c.reply() == expect(Catalogue.MESSAGE_TOO_BIG, b"552 5.3.4")
     assert c.command(b"NOOP") == OK
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
-    wire = read_wire(recorder.data)
+    wait_for(lambda: upstream.closed >= 1)
+    wire = read_wire(upstream.data)
     assert wire.bodies == [], "the upstream saw a final dot for an over-size message"
 
 
-def test_too_many_recipients(launch: Launch, recorder: Recorder) -> None:
+def test_too_many_recipients(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: more RCPT than max_recipients (spam fan-out)."""
-    proxy = launch(recorder_upstream(recorder), server="max_recipients = 3")
+    proxy = launch(upstream.toml(), server="max_recipients = 3")
     c = ready(proxy.plain_port)
     assert c.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
     for i in range(3):
@@ -161,22 +161,22 @@ def test_too_many_recipients(launch: Launch, recorder: Recorder) -> None:
     assert c.command(b"Subject: three\r\n\r\nhi\r\n.") == QUEUED
     assert c.command(b"QUIT") == expect(Catalogue.closing("relay.test"), b"221 2.0.0")
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
-    wire = read_wire(recorder.data)
+    wait_for(lambda: upstream.closed >= 1)
+    wire = read_wire(upstream.data)
     assert [cmd for cmd in wire.commands if cmd.startswith(b"RCPT")] == [b"RCPT TO:<r%d@example.net>" % i for i in range(3)]
     assert len(wire.bodies) == 1
 
 
-def test_mail_auth_parameter_not_passed_upstream(recorder: Recorder, recorder_proxy: Proxy) -> None:
+def test_mail_auth_parameter_not_passed_upstream(upstream: ScriptedUpstream, upstream_proxy: Proxy) -> None:
     """Attack: MAIL FROM with AUTH=<someone> to make the next hop believe another identity (RFC 4954 5)."""
-    c = ready(recorder_proxy.plain_port)
+    c = ready(upstream_proxy.plain_port)
     assert c.command(b"MAIL FROM:<app1@example.org> AUTH=<ceo@example.org>") == b"250 2.0.0 OK\r\n"
     assert c.command(b"RSET") == expect(Catalogue.RESET, b"250 2.0.0")
     assert c.command(b"MAIL FROM:<app1@example.org> SIZE=500 AUTH=<>") == b"250 2.0.0 OK\r\n"
     assert c.command(b"QUIT") == expect(Catalogue.closing("relay.test"), b"221 2.0.0")
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
-    wire = read_wire(recorder.data)
+    wait_for(lambda: upstream.closed >= 1)
+    wire = read_wire(upstream.data)
     assert wire.commands[1:] == [
         b"MAIL FROM:<app1@example.org>",
         b"RSET",
@@ -184,12 +184,12 @@ def test_mail_auth_parameter_not_passed_upstream(recorder: Recorder, recorder_pr
         b"RSET",
         b"QUIT",
     ]  # QUIT in an open transaction: the upstream's transaction is reset, then the connection closed politely
-    assert b"AUTH" not in recorder.data
+    assert b"AUTH" not in upstream.data
 
 
-def test_vrfy_expn_etrn_xclient_answered_locally(recorder: Recorder, recorder_proxy: Proxy) -> None:
+def test_vrfy_expn_etrn_xclient_answered_locally(upstream: ScriptedUpstream, upstream_proxy: Proxy) -> None:
     """Attack: address harvesting and MTA control commands (VRFY, EXPN, ETRN, XCLIENT) passed upstream."""
-    c = ready(recorder_proxy.plain_port)
+    c = ready(upstream_proxy.plain_port)
     probes = {
         b"VRFY postmaster": expect(Catalogue.VRFY, b"252 2.5.0"),
         b"EXPN staff": expect(Catalogue.NOT_IMPLEMENTED, b"502 5.5.1"),
@@ -205,5 +205,5 @@ def test_vrfy_expn_etrn_xclient_answered_locally(recorder: Recorder, recorder_pr
         assert c.command(line) == reply
     assert c.command(b"QUIT") == expect(Catalogue.closing("relay.test"), b"221 2.0.0")
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
-    assert read_wire(recorder.data).commands[1:] == [b"MAIL FROM:<app1@example.org>", b"RSET", b"QUIT"]
+    wait_for(lambda: upstream.closed >= 1)
+    assert read_wire(upstream.data).commands[1:] == [b"MAIL FROM:<app1@example.org>", b"RSET", b"QUIT"]

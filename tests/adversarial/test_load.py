@@ -7,10 +7,10 @@ import threading
 import time
 from collections import Counter
 
-from harness import Recorder, recorder_upstream, wait_for
+from harness import wait_for
+from peers import Client, Closed, ScriptedUpstream, auth_plain, expect, ready
 from relayproxy.smtp.reply import Catalogue
 
-from .clients import Client, Closed, auth_plain, expect, ready
 from .support import Launch, read_wire
 
 SESSIONS = 200
@@ -18,9 +18,9 @@ MESSAGES = 5
 USERS = {"app1": "app1-password", "printer": "printer-password"}
 
 
-def test_concurrent_sessions_while_auth_is_hammered(launch: Launch, recorder: Recorder) -> None:
+def test_concurrent_sessions_while_auth_is_hammered(launch: Launch, upstream: ScriptedUpstream) -> None:
     """Attack: password spraying from 127.0.0.2 during 200 concurrent legitimate sessions of 5 messages each."""
-    proxy = launch(recorder_upstream(recorder), users=USERS, limits="max_connections_per_ip = 1000")
+    proxy = launch(upstream.toml(), users=USERS, limits="max_connections_per_ip = 1000")
     errors: list[str] = []
     queued: list[int] = []
     done = threading.Event()
@@ -93,9 +93,9 @@ def test_concurrent_sessions_while_auth_is_hammered(launch: Launch, recorder: Re
 
     assert errors == [], errors[:5]
     assert len(queued) == SESSIONS * MESSAGES
-    wait_for(lambda: recorder.closed >= SESSIONS, timeout=20)
+    wait_for(lambda: upstream.closed >= SESSIONS, timeout=20)
     ids = Counter(
-        m for session_bytes in recorder.sessions for body in read_wire(bytes(session_bytes)).bodies
+        m for session_bytes in upstream.sessions for body in read_wire(bytes(session_bytes)).bodies
         for m in re.findall(rb"Message-ID: <(load-\d+-\d+)@example\.org>", body)
     )
     assert len(ids) == SESSIONS * MESSAGES, "messages missing at the upstream"

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from harness import PKI, Proxy, Recorder
+from harness import PKI, Proxy
+from peers import Client, ScriptedUpstream, expect
 from relayproxy.smtp.reply import Catalogue
-
-from .clients import Client, expect
 
 # The patterns nmap's smtp-open-relay tries, with relay.test the relay and other.example the target.
 PATTERNS = {
@@ -29,15 +28,15 @@ PATTERNS = {
 
 @pytest.mark.parametrize("address", PATTERNS.values(), ids=PATTERNS.keys())
 @pytest.mark.parametrize("listener", ["starttls", "plain"])
-def test_open_relay_probe(recorder: Recorder, recorder_proxy: Proxy, pki: PKI, address: bytes, listener: str) -> None:
+def test_open_relay_probe(upstream: ScriptedUpstream, upstream_proxy: Proxy, pki: PKI, address: bytes, listener: str) -> None:
     """Attack: nmap smtp-open-relay - relaying without AUTH through an address trick."""
     if listener == "starttls":
-        c = Client(recorder_proxy.port)
+        c = Client(upstream_proxy.port)
         c.ehlo()
         c.command(b"STARTTLS")
         c.starttls(pki.client_context())
     else:
-        c = Client(recorder_proxy.plain_port)
+        c = Client(upstream_proxy.plain_port)
     c.ehlo()
     replies = [
         c.command(b"MAIL FROM:<" + address + b">"),
@@ -50,7 +49,7 @@ def test_open_relay_probe(recorder: Recorder, recorder_proxy: Proxy, pki: PKI, a
     c.close()
     # First what matters for relaying: refused, permanently, and nothing went anywhere.
     assert all(r.startswith(b"5") for r in replies), replies
-    assert recorder.sessions == []
+    assert upstream.sessions == []
     # Then the reply the issue specifies for each: authentication required.
     required = expect(Catalogue.AUTH_REQUIRED, b"530 5.7.0")
     assert replies == [required] * len(replies)

@@ -85,15 +85,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def test_sslyze_judges_both_tls_listeners(recorder_proxy: Proxy, tmp_path: Path) -> None:
+def test_sslyze_judges_both_tls_listeners(upstream_proxy: Proxy, tmp_path: Path) -> None:
     """Attack: protocol and cipher downgrade and known TLS flaws (SSLv2/3, TLS 1.0/1.1, CBC suites, Heartbleed,
     CCS, ROBOT, CRIME, renegotiation)."""
     sslyze = find_sslyze()
     # .ci/run installs sslyze into .venv-sslyze and points RELAYPROXY_SSLYZE at it.
     assert sslyze is not None, "sslyze not installed; see this module's docstring"
     jobs = {
-        "starttls": (recorder_proxy.port, True),
-        "implicit": (recorder_proxy.tls_port, False),
+        "starttls": (upstream_proxy.port, True),
+        "implicit": (upstream_proxy.tls_port, False),
     }
     running = {name: scan(sslyze, port, tmp_path / f"{name}.json", starttls) for name, (port, starttls) in jobs.items()}
     report = {}

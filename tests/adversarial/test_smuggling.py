@@ -1,7 +1,8 @@
 """Smuggling and framing: the upstream must find exactly the ends of data the client really sent.
 
-The upstream is the harness's byte Recorder; assertions are on the exact bytes it received, read
-the way a strict RFC 5321 server reads them (``read_wire``) and the way a lenient one would.
+The upstream is the ScriptedUpstream of tests/peers.py; assertions are on the exact bytes it
+received, read the way a strict RFC 5321 server reads them (``read_wire``) and the way a lenient
+one would.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from harness import PKI, Proxy, Recorder, Smarthost, wait_for
+from harness import PKI, Proxy, Smarthost, wait_for
+from peers import Client, Closed, ScriptedUpstream, expect, ready
 
 from relayproxy.smtp.reply import Catalogue
 
-from .clients import Client, Closed, expect, ready
 from .support import RssMonitor, read_wire
 
 CARRIER = b"From: app1@example.org\r\nTo: bob@example.net\r\nSubject: carrier\r\n\r\ncarrier body"
@@ -60,16 +61,16 @@ def send_message(proxy: Proxy, body: bytes) -> tuple[Client, bytes]:
 
 
 @pytest.mark.parametrize("lookalike", LOOKALIKES, ids=lambda b: b.decode().replace("\r", "CR").replace("\n", "LF"))
-def test_end_of_data_lookalike_does_not_smuggle(recorder: Recorder, recorder_proxy: Proxy, lookalike: bytes) -> None:
+def test_end_of_data_lookalike_does_not_smuggle(upstream: ScriptedUpstream, upstream_proxy: Proxy, lookalike: bytes) -> None:
     """Attack: SMTP smuggling - an end-of-data lookalike inside the body followed by a hidden MAIL/RCPT/DATA."""
     client_body = CARRIER + lookalike + HIDDEN
-    c, reply = send_message(recorder_proxy, client_body)
+    c, reply = send_message(upstream_proxy, client_body)
     assert reply == QUEUED
     assert c.command(b"QUIT") == expect(Catalogue.closing("relay.test"), b"221 2.0.0")
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
+    wait_for(lambda: upstream.closed >= 1)
 
-    data = recorder.data
+    data = upstream.data
     wire = read_wire(data)
     assert wire.commands[0].startswith(b"EHLO ")
     assert wire.commands[1:] == EXPECTED_COMMANDS + [b"QUIT"], "the upstream saw more than one transaction"
@@ -81,15 +82,15 @@ def test_end_of_data_lookalike_does_not_smuggle(recorder: Recorder, recorder_pro
 
 
 @pytest.mark.parametrize("lookalike", NUL_LOOKALIKES, ids=["CRLF-NUL-dot-CRLF", "CRLF-dot-NUL-CRLF"])
-def test_nul_end_of_data_lookalike_is_refused(recorder: Recorder, recorder_proxy: Proxy, lookalike: bytes) -> None:
+def test_nul_end_of_data_lookalike_is_refused(upstream: ScriptedUpstream, upstream_proxy: Proxy, lookalike: bytes) -> None:
     """Attack: SMTP smuggling with a NUL next to the dot (parsers that drop NULs see CRLF.CRLF)."""
-    c, reply = send_message(recorder_proxy, CARRIER + lookalike + HIDDEN)
+    c, reply = send_message(upstream_proxy, CARRIER + lookalike + HIDDEN)
     assert reply == expect(Catalogue.BODY_NUL, b"554 5.6.0")
     assert c.command(b"NOOP") == OK
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
+    wait_for(lambda: upstream.closed >= 1)
 
-    data = recorder.data
+    data = upstream.data
     wire = read_wire(data)
     assert wire.commands[1:] == EXPECTED_COMMANDS
     assert wire.bodies == [], "the upstream saw an end of data for a refused message"
@@ -131,24 +132,24 @@ def send_split(c: Client, data: bytes, splits: list[int], progress: object = Non
         start = at
 
 
-def test_dot_lines_and_chunk_boundaries_are_stuffed_on_the_wire(recorder: Recorder, recorder_proxy: Proxy) -> None:
+def test_dot_lines_and_chunk_boundaries_are_stuffed_on_the_wire(upstream: ScriptedUpstream, upstream_proxy: Proxy) -> None:
     """Attack: dot lines (first line ".", lines of only dots, dots at the 16/64 KiB boundaries) that
     a proxy forgetting to re-stuff, or losing state across reads, turns into an early end of data."""
     original, stuffed, splits = dotty_message()
-    c = ready(recorder_proxy.plain_port)
+    c = ready(upstream_proxy.plain_port)
     c.envelope()
     assert c.command(b"DATA") == b"354 go ahead\r\n"
-    wait_for(lambda: recorder.data.endswith(b"DATA\r\n"))
-    base = len(recorder.data)
+    wait_for(lambda: upstream.data.endswith(b"DATA\r\n"))
+    base = len(upstream.data)
     # Each piece really arrives separately: wait until the upstream got it (minus the few bytes a
     # correct proxy holds back while they could still become CRLF "." CRLF).
-    send_split(c, stuffed, splits, lambda at: wait_for(lambda: len(recorder.data) - base >= at - 4))
+    send_split(c, stuffed, splits, lambda at: wait_for(lambda: len(upstream.data) - base >= at - 4))
     c.send(b".\r\n")
     assert c.reply() == QUEUED
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
+    wait_for(lambda: upstream.closed >= 1)
 
-    wire = read_wire(recorder.data)
+    wire = read_wire(upstream.data)
     assert wire.commands[1:] == EXPECTED_COMMANDS + [b"QUIT"]
     # A CRLF-clean, correctly stuffed body goes on exactly as the client sent it.
     assert wire.bodies == [stuffed]
@@ -167,24 +168,24 @@ def test_dot_lines_arrive_intact_at_smarthost(proxy: Proxy, pki: PKI, smarthost:
     assert got.content == original
 
 
-def test_long_body_line_then_commands_are_not_executed(recorder: Recorder, recorder_proxy: Proxy) -> None:
+def test_long_body_line_then_commands_are_not_executed(upstream: ScriptedUpstream, upstream_proxy: Proxy) -> None:
     """Attack: a 17 KB body line (overflowing a line buffer) followed by lines that look like commands."""
     body = b"Subject: long\r\n\r\n" + b"A" * 17_000 + b"\r\n" + HIDDEN + b"QUIT\r\n"
-    c, reply = send_message(recorder_proxy, body)
+    c, reply = send_message(upstream_proxy, body)
     assert reply == expect(Catalogue.BODY_LINE_TOO_LONG, b"554 5.6.0")
     assert c.command(b"NOOP") == OK
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
+    wait_for(lambda: upstream.closed >= 1)
 
-    wire = read_wire(recorder.data)
+    wire = read_wire(upstream.data)
     assert wire.commands[1:] == EXPECTED_COMMANDS, "a line from the body was executed as a command"
     assert wire.bodies == []
-    assert b"evil@attacker.example" not in recorder.data.split(b"DATA\r\n", 1)[0]
+    assert b"evil@attacker.example" not in upstream.data.split(b"DATA\r\n", 1)[0]
 
 
-def test_thirty_megabytes_without_line_end(recorder: Recorder, recorder_proxy: Proxy) -> None:
+def test_thirty_megabytes_without_line_end(upstream: ScriptedUpstream, upstream_proxy: Proxy) -> None:
     """Attack: 30 MB body with no line end at all - memory exhaustion, then an end of data."""
-    c = ready(recorder_proxy.plain_port)
+    c = ready(upstream_proxy.plain_port)
     c.envelope()
     assert c.command(b"DATA") == b"354 go ahead\r\n"
     chunk = b"A" * 65536
@@ -200,19 +201,19 @@ def test_thirty_megabytes_without_line_end(recorder: Recorder, recorder_proxy: P
     # The issue allows a 5xx after the end of data, or a close; the proxy answers:
     assert reply in (None, expect(Catalogue.BODY_LINE_TOO_LONG, b"554 5.6.0"))
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
-    wire = read_wire(recorder.data)
+    wait_for(lambda: upstream.closed >= 1)
+    wire = read_wire(upstream.data)
     assert wire.bodies == [], "the upstream saw a final dot"
-    assert len(recorder.data) < 64 * 1024, "the proxy relayed the oversized line"
+    assert len(upstream.data) < 64 * 1024, "the proxy relayed the oversized line"
 
 
 @pytest.mark.parametrize("bare", [b"\n", b"\r"], ids=["LF", "CR"])
-def test_bare_line_end_in_command(recorder: Recorder, recorder_proxy: Proxy, bare: bytes) -> None:
+def test_bare_line_end_in_command(upstream: ScriptedUpstream, upstream_proxy: Proxy, bare: bytes) -> None:
     """Attack: two commands in one line joined by a bare CR or LF (for a peer that splits differently)."""
-    c = ready(recorder_proxy.plain_port)
+    c = ready(upstream_proxy.plain_port)
     c.send(b"MAIL FROM:<a@b.example>" + bare + b"RCPT TO:<x@y.example>\r\n")
     assert c.reply() == expect(Catalogue.BARE_LINE_END, b"501 5.5.2")
     # Exactly one reply: the next one answers NOOP.
     assert c.command(b"NOOP") == OK
     c.close()
-    assert recorder.sessions == [], "something reached the upstream"
+    assert upstream.sessions == [], "something reached the upstream"

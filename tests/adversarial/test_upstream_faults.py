@@ -7,17 +7,16 @@ goes upstream at most once, memory stays bounded, and credentials never travel i
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trustme
+from conftest import UpstreamFactory
 from harness import PKI, Proxy, wait_for
+from peers import DROP, EHLO_NO_STARTTLS, GO_AHEAD, Certificate, ScriptedUpstream, expect, flood, issue, ready
 from relayproxy.smtp.reply import Catalogue
 
-from .clients import expect, ready
 from .support import Launch, RssMonitor, read_wire
-from .upstreams import DROP, EHLO_NO_STARTTLS, Certificate, ScriptedUpstream, flood, issue
 
 UNREACHABLE = expect(Catalogue.upstream_unreachable("default"), b"451 4.4.1")
 LOST = expect(Catalogue.UPSTREAM_LOST, b"451 4.4.2")
@@ -25,8 +24,8 @@ BAD_REPLY = expect(Catalogue.UPSTREAM_BAD_REPLY, b"451 4.4.0")
 TLS_FAILED = expect(Catalogue.upstream_tls_failed("default"), b"454 4.7.0")
 MAIL_FIRST = expect(Catalogue.MAIL_FIRST, b"503 5.5.1")
 OK = b"250 2.0.0 OK\r\n"
-GO = b"354 End data with <CR><LF>.<CR><LF>\r\n"
-QUEUED = b"250 2.0.0 Ok: queued as SCRIPTED\r\n"
+GO = GO_AHEAD
+QUEUED = b"250 2.0.0 Ok: queued as REC1\r\n"
 BODY = b"From: app1@example.org\r\nSubject: fault\r\nMessage-ID: <fault@example.org>\r\n\r\n" + (b"b" * 76 + b"\r\n") * 4000
 
 
@@ -35,21 +34,12 @@ def certificate(pki: PKI) -> Certificate:
     return issue(pki.ca, pki.dir, "scripted-localhost", "localhost")
 
 
-@pytest.fixture
-def scripted() -> Iterator[list[ScriptedUpstream]]:
-    started: list[ScriptedUpstream] = []
-    yield started
-    for upstream in started:
-        upstream.stop()
-
-
 def start(
-    scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, script: dict[str, Any], *,
-    certificate: Certificate | None, tls: str = "starttls", **kwargs: Any,
+    make_upstream: UpstreamFactory, launch: Launch, pki: PKI, script: dict[str, Any], *,
+    certificate: Certificate, tls: str = "starttls", **kwargs: Any,
 ) -> tuple[ScriptedUpstream, Proxy]:
-    upstream = ScriptedUpstream(script, certificate=certificate, implicit_tls=tls == "implicit", **kwargs)
-    scripted.append(upstream)
-    proxy = launch(upstream.toml(tls=tls, ca_file=pki.ca_path))
+    upstream = make_upstream(script, tls=tls, certificate=certificate, **kwargs)
+    proxy = launch(upstream.toml(ca_file=pki.ca_path))
     return upstream, proxy
 
 
@@ -88,10 +78,10 @@ DROPS: dict[str, tuple[dict[str, Any], list[bytes], int]] = {
 
 
 @pytest.mark.parametrize("point", DROPS.keys())
-def test_upstream_drops_connection(scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, certificate: Certificate, point: str) -> None:
+def test_upstream_drops_connection(make_upstream: UpstreamFactory, launch: Launch, pki: PKI, certificate: Certificate, point: str) -> None:
     """Attack: the upstream (or the network) drops the connection at each point of the dialogue."""
     script, expected, dots = DROPS[point]
-    upstream, proxy = start(scripted, launch, pki, script, certificate=certificate, body_drop_after=50_000)
+    upstream, proxy = start(make_upstream, launch, pki, script, certificate=certificate, body_drop_after=50_000)
     replies = transaction(proxy)
     assert_safe(upstream, replies, max_dots=dots)
     assert replies == expected
@@ -111,10 +101,10 @@ GARBAGE = {
 @pytest.mark.parametrize("garbage", GARBAGE.values(), ids=GARBAGE.keys())
 @pytest.mark.parametrize("where", ["greeting", "MAIL", "DATA-END"])
 def test_upstream_garbage_reply(
-    scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, certificate: Certificate, where: str, garbage: bytes
+    make_upstream: UpstreamFactory, launch: Launch, pki: PKI, certificate: Certificate, where: str, garbage: bytes
 ) -> None:
     """Attack: malformed reply lines from the upstream (reply parsing, terminal injection into logs and clients)."""
-    upstream, proxy = start(scripted, launch, pki, {where: garbage}, certificate=certificate)
+    upstream, proxy = start(make_upstream, launch, pki, {where: garbage}, certificate=certificate)
     replies = transaction(proxy)
     assert_safe(upstream, replies, max_dots=1 if where == "DATA-END" else 0)
     assert replies == {
@@ -124,9 +114,9 @@ def test_upstream_garbage_reply(
     }[where]
 
 
-def test_upstream_sends_unrequested_reply(scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, certificate: Certificate) -> None:
+def test_upstream_sends_unrequested_reply(make_upstream: UpstreamFactory, launch: Launch, pki: PKI, certificate: Certificate) -> None:
     """Attack: an extra reply after MAIL's, so every later command would be answered by the wrong reply."""
-    upstream, proxy = start(scripted, launch, pki, {"MAIL": b"250 2.1.0 ok\r\n250 2.1.5 injected\r\n"}, certificate=certificate)
+    upstream, proxy = start(make_upstream, launch, pki, {"MAIL": b"250 2.1.0 ok\r\n250 2.1.5 injected\r\n"}, certificate=certificate)
     replies = transaction(proxy)
     assert_safe(upstream, replies)
     assert replies == [b"250 2.1.0 ok\r\n", BAD_REPLY, LOST]
@@ -145,9 +135,9 @@ FLOODS = {
 
 @pytest.mark.parametrize("where", ["EHLO", "MAIL"])
 @pytest.mark.parametrize("shape", FLOODS.keys())
-def test_upstream_reply_flood(scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, certificate: Certificate, shape: str, where: str) -> None:
+def test_upstream_reply_flood(make_upstream: UpstreamFactory, launch: Launch, pki: PKI, certificate: Certificate, shape: str, where: str) -> None:
     """Attack: an upstream answering with 60 MB (memory exhaustion of the proxy's reply reader)."""
-    upstream, proxy = start(scripted, launch, pki, {where: FLOODS[shape]}, certificate=certificate)
+    upstream, proxy = start(make_upstream, launch, pki, {where: FLOODS[shape]}, certificate=certificate)
     with RssMonitor() as rss:
         replies = transaction(proxy)
         wait_for(lambda: upstream.closed == 1, timeout=30)
@@ -157,9 +147,9 @@ def test_upstream_reply_flood(scripted: list[ScriptedUpstream], launch: Launch, 
     assert replies == [UNREACHABLE if where == "EHLO" else BAD_REPLY, MAIL_FIRST, MAIL_FIRST]
 
 
-def test_reply_injected_across_starttls(scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, certificate: Certificate) -> None:
+def test_reply_injected_across_starttls(make_upstream: UpstreamFactory, launch: Launch, pki: PKI, certificate: Certificate) -> None:
     """Attack: STARTTLS response injection - a reply sent in plaintext with the 220, read after the handshake."""
-    upstream, proxy = start(scripted, launch, pki, {"STARTTLS": b"220 go\r\n250 injected\r\n"}, certificate=certificate)
+    upstream, proxy = start(make_upstream, launch, pki, {"STARTTLS": b"220 go\r\n250 injected\r\n"}, certificate=certificate)
     replies = transaction(proxy)
     assert_safe(upstream, replies)
     assert upstream.secure == b"", "the proxy carried on over TLS after an injected reply"
@@ -175,9 +165,9 @@ REFUSALS = {
 
 
 @pytest.mark.parametrize("case", REFUSALS.keys())
-def test_upstream_without_starttls(scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, certificate: Certificate, case: str) -> None:
+def test_upstream_without_starttls(make_upstream: UpstreamFactory, launch: Launch, pki: PKI, certificate: Certificate, case: str) -> None:
     """Attack: STARTTLS stripping - the upstream does not offer or refuses STARTTLS but offers AUTH in the clear."""
-    upstream, proxy = start(scripted, launch, pki, REFUSALS[case], certificate=certificate)
+    upstream, proxy = start(make_upstream, launch, pki, REFUSALS[case], certificate=certificate)
     replies = transaction(proxy)
     assert_safe(upstream, replies)
     assert upstream.secure == b""
@@ -203,9 +193,9 @@ def bad_certificate(pki: PKI, kind: str) -> Certificate:
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
 @pytest.mark.parametrize("kind", ["self-signed", "expired", "not-yet-valid", "wrong-name"])
-def test_upstream_bad_certificate(scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, kind: str, tls: str) -> None:
+def test_upstream_bad_certificate(make_upstream: UpstreamFactory, launch: Launch, pki: PKI, kind: str, tls: str) -> None:
     """Attack: TLS man in the middle with an untrusted, expired, not yet valid or wrong-name certificate."""
-    upstream, proxy = start(scripted, launch, pki, {}, certificate=bad_certificate(pki, kind), tls=tls)
+    upstream, proxy = start(make_upstream, launch, pki, {}, certificate=bad_certificate(pki, kind), tls=tls)
     replies = transaction(proxy)
     assert_safe(upstream, replies)
     assert upstream.tls_errors, "the handshake was not refused"
@@ -214,9 +204,9 @@ def test_upstream_bad_certificate(scripted: list[ScriptedUpstream], launch: Laun
 
 
 @pytest.mark.parametrize("tls", ["starttls", "implicit"])
-def test_scripted_upstream_control(scripted: list[ScriptedUpstream], launch: Launch, pki: PKI, certificate: Certificate, tls: str) -> None:
+def test_scripted_upstream_control(make_upstream: UpstreamFactory, launch: Launch, pki: PKI, certificate: Certificate, tls: str) -> None:
     """Control for the attacks above: with a valid certificate the same upstream accepts the message once."""
-    upstream, proxy = start(scripted, launch, pki, {}, certificate=certificate, tls=tls)
+    upstream, proxy = start(make_upstream, launch, pki, {}, certificate=certificate, tls=tls)
     replies = transaction(proxy)
     assert replies == [OK, OK, GO, QUEUED]
     assert_safe(upstream, replies, max_dots=1, accepted=True)
