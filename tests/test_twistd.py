@@ -161,7 +161,8 @@ def test_auth_failure_log_line_matches_the_documented_fail2ban_filter(
 def test_a_user_name_with_a_line_break_is_logged_on_one_line(
     twistd_proxy: tuple[int, subprocess.Popen[bytes]], pki: PKI, tmp_path: Path
 ) -> None:
-    """A user name ending in a newline must not end the line: the rest would be a forged line."""
+    """A user name ending in a newline, or a command word with a bare CR, must not end the log line:
+    the rest would be a forged line."""
     port, _ = twistd_proxy
     client = RawClient(port)
     client.reply()
@@ -170,13 +171,17 @@ def test_a_user_name_with_a_line_break_is_logged_on_one_line(
     client.starttls(pki.client_context())
     client.command(b"EHLO client.test")
     assert client.command(auth_plain_line("alice\n", "not-the-password")).startswith(b"535 5.7.8")
+    assert client.command(b"NOOP\rX forged=yes").startswith(b"501 5.5.2")
     client.close()
     log = tmp_path / "twistd.log"
-    wait_for(lambda: "auth failed" in log.read_text())
-    [line] = [line for line in log.read_text().splitlines() if "auth failed" in line]
-    assert ' user="alice\\n" reason="bad credentials" session=' in line
-    # Nothing of the event went on a line of its own.
-    assert [line for line in log.read_text().splitlines() if "reason=" in line or "session=" in line] == [line]
+    wait_for(lambda: "auth failed" in log.read_text() and "refused" in log.read_text())
+    [failed] = [line for line in log.read_text().splitlines() if "auth failed" in line]
+    # Not a user of the users file: a digest, never the typed name.
+    assert re.search(r' user=unknown-[0-9a-f]{10} reason="bad credentials" session=', failed)
+    [refused] = [line for line in log.read_text().splitlines() if "refused" in line]
+    assert ' command="NOOP\\rX" reply=' in refused
+    # Nothing of either event went on a line of its own.
+    assert [line for line in log.read_text().splitlines() if "reason=" in line or "session=" in line] == [failed, refused]
 
 
 def test_json_log_lines(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> None:
