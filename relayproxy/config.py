@@ -162,6 +162,15 @@ class LimitsConfig:
     auth_backoff_max: float = 3600.0
     max_invalid_commands: int = 20
     max_header_size: int = 262144
+    unauthenticated_timeout: float = 60.0
+    """Longest a session may last before it authenticates."""
+    max_unauthenticated: int = 200
+    """Concurrent sessions that have not authenticated (the rest of max_connections is theirs who have)."""
+    min_data_rate: int = 1024
+    """Octets per second a body must average once data_rate_grace has passed (0: no such limit)."""
+    data_rate_grace: float = 30.0
+    ipv6_prefix: int = 64
+    """IPv6 clients are counted per network of this prefix length (per-address limits, AUTH throttle)."""
     store: str = "memory"
     """Where AUTH failures and sending budgets are counted: "memory" or "redis://HOST:PORT/DB"."""
 
@@ -1056,22 +1065,38 @@ def _read_users(
     return users
 
 
-_LIMIT_SECONDS = ("command_timeout", "data_timeout", "session_timeout", "auth_failure_window", "auth_backoff", "auth_backoff_max")
+_LIMIT_SECONDS = (
+    "command_timeout", "data_timeout", "session_timeout", "auth_failure_window", "auth_backoff", "auth_backoff_max",
+    "unauthenticated_timeout", "data_rate_grace",
+)
 _LIMIT_COUNTS = (
     "max_connections", "max_connections_per_ip", "max_auth_failures_per_session",
-    "auth_failures_per_ip", "auth_failures_per_user", "max_invalid_commands", "max_header_size",
+    "auth_failures_per_ip", "auth_failures_per_user", "max_invalid_commands", "max_header_size", "max_unauthenticated",
 )
 
 
 def _read_limits(table: _Table) -> LimitsConfig:
-    table.check_known([*_LIMIT_SECONDS, *_LIMIT_COUNTS, "greeting_delay", "store"])
+    table.check_known([*_LIMIT_SECONDS, *_LIMIT_COUNTS, "greeting_delay", "store", "min_data_rate", "ipv6_prefix"])
     defaults = LimitsConfig()
     values: dict[str, Any] = {name: table.seconds(name, getattr(defaults, name)) for name in _LIMIT_SECONDS}
     for name in _LIMIT_COUNTS:
         values[name] = table.integer(name, getattr(defaults, name), "write a whole number of at least 1", low=1, high=10**9)
     delay = table.data.get("greeting_delay")
     values["greeting_delay"] = 0.0 if delay == 0 else table.seconds("greeting_delay", defaults.greeting_delay)
+    values["min_data_rate"] = table.integer(
+        "min_data_rate", defaults.min_data_rate, "write octets per second as a whole number (0: no minimum)", low=0, high=10**9
+    )
+    values["ipv6_prefix"] = table.integer(
+        "ipv6_prefix", defaults.ipv6_prefix, "write a prefix length from 1 to 128 (64: one customer network)", low=1, high=128
+    )
     values["store"] = _read_store(table)
+    if "max_unauthenticated" not in table.data:
+        values["max_unauthenticated"] = max(1, min(defaults.max_unauthenticated, values["max_connections"] // 2))
+    elif values["max_unauthenticated"] >= values["max_connections"]:
+        table.problem(
+            "max_unauthenticated", f"{values['max_unauthenticated']} leaves no slot of max_connections ({values['max_connections']}) to authenticated sessions",
+            "make it smaller than max_connections, so clients that never log in cannot lock out those that do",
+        )
     return LimitsConfig(**values)
 
 

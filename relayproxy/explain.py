@@ -48,7 +48,9 @@ COMMANDS: tuple[str, ...] = (
 )
 """The commands an entry can be keyed by; ``normalize_command`` maps spellings onto them."""
 
-SITUATIONS: tuple[str, ...] = ("data-timeout", "data-disconnect", "command-timeout", "session-timeout")
+SITUATIONS: tuple[str, ...] = (
+    "data-timeout", "data-disconnect", "data-rate", "command-timeout", "session-timeout", "unauthenticated-timeout",
+)
 """Values of ``hint(situation=...)`` with a dedicated hint; others are ignored."""
 
 HINT_TARGET = 160

@@ -7,6 +7,7 @@ Their checks are coroutines and raise StoreUnavailable when the store cannot ans
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -18,6 +19,23 @@ from relayproxy.store import MAX_TRACKED, LimitStore, MemoryStore, WindowCheck
 
 HOUR = 3600.0
 DAY = 86400.0
+
+
+def client_key(address: str, ipv6_prefix: int) -> str:
+    """What per-address limits count: an IPv4 address, or an IPv6 client's network of ``ipv6_prefix``.
+
+    One IPv6 customer commonly holds a /64 and can pick any address in it: counted one by one, a
+    single customer would have 2**64 "addresses" to spread its connections and guesses over.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return address
 
 
 class AuthThrottle:
@@ -37,6 +55,7 @@ class AuthThrottle:
 
     async def blocked_for(self, ip: str, username: str | None) -> float:
         """Seconds this attempt must still wait; 0 when it may go ahead."""
+        ip = client_key(ip, self._limits.ipv6_prefix)
         keys = [f"ip:{ip}"]
         # A guesser elsewhere must not lock a user out of the address it always logs in from.
         if username is not None and (username.lower(), ip) not in self._known:
@@ -45,7 +64,7 @@ class AuthThrottle:
         return max(0.0, max(until) - self._clock.seconds())
 
     def succeeded(self, ip: str, username: str) -> None:
-        key = (username.lower(), ip)
+        key = (username.lower(), client_key(ip, self._limits.ipv6_prefix))
         self._known.pop(key, None)
         self._known[key] = None
         while len(self._known) > MAX_TRACKED:
@@ -53,7 +72,7 @@ class AuthThrottle:
 
     async def failed(self, ip: str, username: str | None) -> None:
         limits = self._limits
-        keys = [(f"ip:{ip}", limits.auth_failures_per_ip)]
+        keys = [(f"ip:{client_key(ip, limits.ipv6_prefix)}", limits.auth_failures_per_ip)]
         if username is not None:
             keys.append((f"user:{username.lower()}", limits.auth_failures_per_user))
         await self.store.record_failure(
@@ -109,38 +128,71 @@ class Budgets:
         return max(times) if times else None
 
 
+class Slot:
+    """One session's place among the counted ones."""
+
+    def __init__(self, counter: ConnectionCounter, key: str) -> None:
+        self._counter = counter
+        self.key = key
+        self.authenticated = False
+        self._open = True
+
+    def set_authenticated(self, authenticated: bool) -> None:
+        if self._open and authenticated != self.authenticated:
+            self.authenticated = authenticated
+            self._counter._unauthenticated += -1 if authenticated else 1
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._counter._closed(self)
+
+
 class ConnectionCounter:
-    """Concurrent sessions, in total and per client address."""
+    """Concurrent sessions: in total, per client address (an IPv6 client's network) and before AUTH."""
 
     def __init__(self, limits: LimitsConfig) -> None:
         self._total = 0
+        self._unauthenticated = 0
         self._per_ip: dict[str, int] = {}
         self.update(limits)
 
     def update(self, limits: LimitsConfig) -> None:
         """New maxima apply to the next connection; open sessions are never cut."""
-        self._max = limits.max_connections
-        self._max_per_ip = limits.max_connections_per_ip
+        self._limits = limits
 
-    def open(self, ip: str) -> bool:
-        """Count a new session; False (and nothing counted) when it is over a limit."""
-        if self._total >= self._max or self._per_ip.get(ip, 0) >= self._max_per_ip:
-            return False
+    def open(self, ip: str) -> Slot | str:
+        """Count a new (not yet authenticated) session, or name the limit it is over."""
+        limits = self._limits
+        key = client_key(ip, limits.ipv6_prefix)
+        if self._total >= limits.max_connections:
+            return "max_connections"
+        if self._per_ip.get(key, 0) >= limits.max_connections_per_ip:
+            return "max_connections_per_ip"
+        if self._unauthenticated >= limits.max_unauthenticated:
+            return "max_unauthenticated"
         self._total += 1
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        return True
+        self._unauthenticated += 1
+        self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        return Slot(self, key)
 
-    def close(self, ip: str) -> None:
+    def _closed(self, slot: Slot) -> None:
         self._total -= 1
-        left = self._per_ip[ip] - 1
+        if not slot.authenticated:
+            self._unauthenticated -= 1
+        left = self._per_ip[slot.key] - 1
         if left:
-            self._per_ip[ip] = left
+            self._per_ip[slot.key] = left
         else:
-            del self._per_ip[ip]
+            del self._per_ip[slot.key]
 
     @property
     def total(self) -> int:
         return self._total
+
+    @property
+    def unauthenticated(self) -> int:
+        return self._unauthenticated
 
 
 def utc(seconds: float) -> str:

@@ -221,6 +221,8 @@ class ServerSession:
         self._failed: Reply | None = None
         self._invalid = 0
         self._auth_failures = 0
+        self.lines_read = 0
+        """Complete lines taken from the client so far (commands and SASL responses)."""
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -255,6 +257,11 @@ class ServerSession:
     def disconnected(self) -> None:
         """The client is gone: nothing more to say."""
         self.state = State.CLOSED
+
+    @property
+    def partial_line(self) -> bool:
+        """Part of a line has come, not its end."""
+        return self._lines.partial
 
     @property
     def buffered(self) -> int:
@@ -296,10 +303,13 @@ class ServerSession:
                 self._command(line)
 
     def _next_line(self) -> bytes | TooLong | None:
-        if self._held is not None:
-            line, self._held = self._held, None
-            return line
-        return self._lines.next_line()
+        held, self._held = self._held, None
+        if held is not None:
+            return held
+        line = self._lines.next_line()
+        if line is not None:
+            self.lines_read += 1
+        return line
 
     # -- replies and refusals -----------------------------------------------------------------
 
