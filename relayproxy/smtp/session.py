@@ -271,7 +271,7 @@ class ServerSession:
     @property
     def idle(self) -> bool:
         """Nothing in progress that a shutdown should wait for."""
-        return self.waiting is None and self.state not in (State.TRANSACTION, State.BODY)
+        return self.waiting is None and self.state not in (State.SASL, State.TRANSACTION, State.BODY)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -403,7 +403,7 @@ class ServerSession:
         yield Send(Catalogue.VRFY)
 
     def _expn(self, command: Command) -> Iterator[Action]:
-        raise ProtocolError(Catalogue.NOT_IMPLEMENTED)
+        yield Send(Catalogue.NOT_IMPLEMENTED)
 
     def _rset(self, command: Command) -> Iterator[Action]:
         if command.argument:
