@@ -22,6 +22,7 @@ import asyncio
 import base64
 import json
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -65,6 +66,7 @@ class Result:
     held_connected: int = 0  # hold mode: sessions that got the greeting
     held_authenticated: int = 0
     cut_off: int = 0  # sessions abandoned mid-work at duration + grace (not errors)
+    cpu_s: float | None = None  # utime + stime of the worker processes over their life (run() only)
 
     @property
     def rate(self) -> float:
@@ -93,6 +95,7 @@ class Result:
             "held_connected": self.held_connected,
             "held_authenticated": self.held_authenticated,
             "cut_off": self.cut_off,
+            "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 3),
         }
 
 
@@ -239,6 +242,8 @@ async def _send_session(cfg: LoadConfig, res: Result, deadline: float, budget: _
                 res.error_samples.append(f"{type(e).__name__}: {e}")
             if conn is not None:
                 conn.close()
+            if cfg.duration is None:
+                budget.take()  # a run of N messages without a duration ends even if every attempt fails
             await asyncio.sleep(0.05)
 
 
@@ -375,6 +380,9 @@ def _worker(cfg: LoadConfig, index: int, start_at: float, shared: Any, out: Any)
     _raise_nofile()
     try:
         res = asyncio.run(_worker_async(cfg, index, start_at, shared))
+        # A forked child's CPU times start at zero: this is the worker's own utime + stime.
+        times = os.times()
+        res.cpu_s = times.user + times.system
         out.put(asdict(res))
     except BaseException as e:  # noqa: BLE001
         out.put({"mode": cfg.mode, "errors": 1, "error_samples": [f"worker crashed: {type(e).__name__}: {e}"]})
@@ -424,6 +432,8 @@ def run(cfg: LoadConfig, on_held: Callable[[int, int], None] | None = None) -> R
         merged.held_connected += r.get("held_connected", 0)
         merged.held_authenticated += r.get("held_authenticated", 0)
         merged.cut_off += r.get("cut_off", 0)
+        if r.get("cpu_s") is not None:
+            merged.cpu_s = (merged.cpu_s or 0.0) + r["cpu_s"]
         merged.elapsed = max(merged.elapsed, r.get("elapsed", 0.0))
     return merged
 

@@ -31,7 +31,10 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
+import distant_client  # noqa: E402
 import loadgen  # noqa: E402
+import peer_postfix  # noqa: E402
+from distant_client import DistantConfig  # noqa: E402
 from loadgen import LoadConfig, Result  # noqa: E402
 
 from relayproxy.credentials import hash_password, write_users_file  # noqa: E402
@@ -43,7 +46,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # From /work/shared/reference/performance-notes.md (2-core VM, loopback, 10 KiB messages, medians;
 # not measured by this harness).
-REFERENCE = {
+REFERENCE: dict[str, dict[str, Any]] = {
     "emailrelay": {"label": "E-MailRelay 2.6 (reference figure, not measured here)", "rate": 353.0, "ratio": "0.21",
                    "added_p50": "~42", "cpu": "1.2", "rss_100mib": "7 (100 MiB message)"},
     "postfix": {"label": "Postfix 3.7 + SASL, relayhost (reference figure)", "rate": 414.0, "ratio": "0.24",
@@ -133,6 +136,60 @@ class Server:
                 self.proc.wait()
 
 
+class PostfixServer(Server):
+    """The Postfix peer (bench/peer_postfix.py): the master in the foreground and every process it runs."""
+
+    def __init__(self, directory: Path, port: int, upstream_port: int) -> None:
+        self.conf = peer_postfix.write_instance(directory, port, upstream_port, USER, PASSWORD)
+        super().__init__("postfix", peer_postfix.start_command(self.conf), port, log=directory / "stdout.log")
+
+    def processes(self) -> list[list[str]]:
+        """/proc/PID/stat fields (after the command name) of the started process and all its descendants
+        (the master runs in a session of its own, so the tree is followed by parent id)."""
+        stats: dict[int, list[str]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, ValueError):
+                continue
+        children: dict[int, list[int]] = {}
+        for pid, fields in stats.items():
+            children.setdefault(int(fields[1]), []).append(pid)
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                out.append(stats[pid])
+            todo += children.get(pid, [])
+        return out
+
+    def cpu(self) -> float:
+        """utime + stime of every Postfix process (smtpd, cleanup, qmgr, smtp, ...), with the children
+        each has already reaped (a Postfix service process exits after max_idle or max_use)."""
+        return sum(int(f[11]) + int(f[12]) + int(f[13]) + int(f[14]) for f in self.processes()) / CLK_TCK
+
+    def mem(self) -> dict[str, float]:
+        return {}  # a dozen processes sharing most pages: no one figure compares with a single process
+
+    def queued(self) -> int:
+        return peer_postfix.queued(self.conf)
+
+    def maillog_problems(self) -> list[str]:
+        log = self.conf.parent / "maillog"
+        if not log.exists():
+            return []
+        return [line for line in log.read_text(errors="replace").splitlines()
+                if any(word in line for word in (" fatal: ", " panic: ", " error: ", " warning: "))]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            peer_postfix.stop(self.conf)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                super().stop(sig)
+
+
 @dataclass
 class Env:
     quick: bool
@@ -145,7 +202,12 @@ class Env:
     users_file_cheap: Path  # bcrypt cost 4 (supplementary hold run only)
     aiosmtpd: bool
     emailrelay: str | None
+    postfix: str | None = None  # why the Postfix peer cannot run here, or None when it can
+    postfix_version: str = "3.7"
+    rtt_ms: float = 20.0
     problems: list[str] = field(default_factory=list)
+    cleanup: list[Path] = field(default_factory=list)  # directories to remove at the end, besides tmp
+    loadavg_start: str = ""
     counter: int = 0
     profile: Path | None = None
     bcrypt_cost: int = 12
@@ -167,7 +229,7 @@ def start_sink(tmp: Path, kind: str) -> tuple[Server, str]:
     return Server("asyncio-sink", argv, port, log=tmp / "sink.log"), f"bench/sink.py (asyncio; {why})"
 
 
-def proxy_config(env: Env, port: int, users_file: Path) -> Path:
+def proxy_config(env: Env, port: int, users_file: Path, upstream_port: int | None = None) -> Path:
     env.counter += 1
     directory = env.tmp / f"proxy{env.counter}"
     directory.mkdir()
@@ -186,7 +248,7 @@ def proxy_config(env: Env, port: int, users_file: Path) -> Path:
 
         [upstream.default]
         host = "127.0.0.1"
-        port = {env.sink.port}
+        port = {upstream_port or env.sink.port}
         tls = "none"
 
         [limits]
@@ -196,9 +258,10 @@ def proxy_config(env: Env, port: int, users_file: Path) -> Path:
     return path
 
 
-def start_proxy(env: Env, users_file: Path | None = None, profile: Path | None = None) -> Server:
+def start_proxy(env: Env, users_file: Path | None = None, profile: Path | None = None,
+                upstream_port: int | None = None) -> Server:
     port = free_port()
-    config = proxy_config(env, port, users_file or env.users_file)
+    config = proxy_config(env, port, users_file or env.users_file, upstream_port)
     environ = dict(os.environ)
     environ["PYTHONPATH"] = str(REPO)  # the checkout's code and plugin, not an installed copy
     argv = [env.twistd, "-n", "--pidfile="]
@@ -214,6 +277,14 @@ def start_aiosmtpd(env: Env, users_file: Path | None = None) -> Server:
     argv = [env.python, str(BENCH / "peer_aiosmtpd.py"), "--port", str(port), "--upstream-port", str(env.sink.port),
             "--users", str(users_file or env.users_file)]
     return Server("aiosmtpd", argv, port, log=env.tmp / f"aiosmtpd{env.counter}.log")
+
+
+def start_postfix(env: Env) -> PostfixServer:
+    """A fresh Postfix instance, in a directory of its own outside env.tmp (which only root may enter:
+    Postfix's services run as the postfix user and read the sasldb and write the maillog there)."""
+    directory = Path(tempfile.mkdtemp(prefix="relayproxy-bench-postfix-"))
+    env.cleanup.append(directory)
+    return PostfixServer(directory, free_port(), env.sink.port)
 
 
 def twistd_log_problems(server: Server) -> list[str]:
@@ -249,6 +320,12 @@ class Row:
             return None
         return self.cpu_s / self.result.ok * 1000
 
+    def generator_cpu_per_1000(self) -> float | None:
+        """The load generator's own utime+stime (its worker processes) per 1,000 accepted messages."""
+        if not self.result or self.result.cpu_s is None or not self.result.ok:
+            return None
+        return self.result.cpu_s / self.result.ok * 1000
+
 
 def warm_up(port: int) -> str | None:
     """One message end to end; returns an error description if it failed."""
@@ -259,20 +336,31 @@ def warm_up(port: int) -> str | None:
     return None
 
 
+POSTFIX_DRAIN_S = 60.0  # the longest to wait, after a run, for the Postfix peer's queue to reach the sink
+
+
+def target_label(env: Env, target: str) -> str:
+    return {"relayproxy": "relayproxy", "direct": "direct to sink", "aiosmtpd": "aiosmtpd Proxy + AUTH (measured)",
+            "postfix": f"Postfix {env.postfix_version} + Cyrus SASL, relayhost (measured)"}[target]
+
+
 def measure(env: Env, scenario: str, target: str, cfg: LoadConfig, users_file: Path | None = None,
             on_held: Callable[[Server | None, int, int], dict[str, Any]] | None = None) -> Row:
-    label = {"relayproxy": "relayproxy", "direct": "direct to sink", "aiosmtpd": "aiosmtpd Proxy + AUTH (measured)"}[target]
     server: Server | None = None
-    row = Row(target, label)
+    row = Row(target, target_label(env, target))
     try:
         if target == "relayproxy":
             server = start_proxy(env, users_file, profile=env.profile)
         elif target == "aiosmtpd":
             server = start_aiosmtpd(env, users_file)
+        elif target == "postfix":
+            server = start_postfix(env)
         port = server.port if server else env.sink.port
         error = warm_up(port)
         if error:
             env.problems.append(f"{scenario} / {target}: warm-up message failed: {error}")
+        if isinstance(server, PostfixServer):
+            drain(server)
         cpu0 = server.cpu() if server else None
         if server:
             row.rss_start = server.mem().get("VmRSS")
@@ -286,6 +374,9 @@ def measure(env: Env, scenario: str, target: str, cfg: LoadConfig, users_file: P
         print(f"  {scenario:<14} {target:<10} ...", end="", flush=True)
         row.result = loadgen.run(cfg, on_held=held_cb)
         row.extra.update(held)
+        if isinstance(server, PostfixServer) and cfg.mode == "send":
+            # Postfix's 250 means "queued": its CPU counts once the queue has reached the sink.
+            row.extra["drain_s"], row.extra["left_in_queue"] = drain(server)
         if server:
             row.cpu_s = server.cpu() - (cpu0 or 0.0)
             row.rss_peak = server.mem().get("VmHWM")
@@ -293,28 +384,61 @@ def measure(env: Env, scenario: str, target: str, cfg: LoadConfig, users_file: P
                 env.problems.append(f"{scenario} / {target}: the process exited with status {server.proc.returncode}{server.log_tail()}")
         r = row.result
         cut = f", {r.cut_off} sessions cut off at the end" if r.cut_off else ""
-        print(f" {r.ok} ok, {r.rate:.1f}/s, {r.errors} errors, {r.elapsed:.1f} s{cut}")
+        queue = f"; queue drained in {row.extra['drain_s']:.1f} s" if "drain_s" in row.extra else ""
+        print(f" {r.ok} ok, {r.rate:.1f}/s, {r.errors} errors, {r.elapsed:.1f} s{cut}{queue}")
         if r.errors:
             samples = sorted(set(r.error_samples))[:3]
             env.problems.append(f"{scenario} / {target}: {r.errors} errors, e.g. " + " | ".join(samples))
-    except RuntimeError as e:
+        if row.extra.get("left_in_queue"):
+            env.problems.append(f"{scenario} / {target}: {row.extra['left_in_queue']} messages still in Postfix's queue "
+                                f"{POSTFIX_DRAIN_S:.0f} s after the run")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         env.problems.append(f"{scenario} / {target}: {e}")
         row.note = "failed to start"
         print(f"  {scenario:<14} {target:<10} failed: {e}")
     finally:
         if server:
             server.stop()
-            if server.name == "relayproxy":
-                bad = twistd_log_problems(server)
-                if bad:
-                    env.problems.append(f"{scenario} / {target}: {len(bad)} error lines in the twistd log, e.g. {bad[0][:300]}")
+            server_problems(env, f"{scenario} / {target}", server)
     return row
 
 
+def drain(server: PostfixServer) -> tuple[float, int]:
+    """Wait until the Postfix peer's queue is empty (at most POSTFIX_DRAIN_S); seconds waited, messages left."""
+    t0 = time.monotonic()
+    left = server.queued()
+    while left and time.monotonic() - t0 < POSTFIX_DRAIN_S:
+        time.sleep(0.05)
+        left = server.queued()
+    return time.monotonic() - t0, left
+
+
+def server_problems(env: Env, where: str, server: Server) -> None:
+    """Error lines in a stopped server's log (relayproxy's twistd log, Postfix's maillog)."""
+    if server.name == "relayproxy":
+        bad = twistd_log_problems(server)
+    elif isinstance(server, PostfixServer):
+        bad = server.maillog_problems()
+    else:
+        return
+    if bad:
+        env.problems.append(f"{where}: {len(bad)} error lines in the log, e.g. {bad[0][:300]}")
+
+
+def peers_for(env: Env, scenario: str) -> list[str]:
+    """The peers measured in a scenario besides relayproxy and direct."""
+    peers = []
+    if env.aiosmtpd and scenario != "hold":
+        peers.append("aiosmtpd")
+    # Postfix in the rate scenarios: a process per connection and a disk queue make the memory
+    # scenarios (one big message, 2,000 held sessions) a different question.
+    if env.postfix is None and scenario in ("s20x1", "s20x10", "s1", "s20x1m", "auth"):
+        peers.append("postfix")
+    return peers
+
+
 def targets_for(env: Env, scenario: str) -> list[str]:
-    # The quick run measures the peer only where it is quick (its AUTH blocks its event loop for ~0.3 s).
-    peer = env.aiosmtpd and (not env.quick or scenario in ("s1", "big"))
-    return ["relayproxy", "direct"] + (["aiosmtpd"] if peer else [])
+    return ["relayproxy", "direct"] + peers_for(env, scenario)
 
 
 # -- scenarios ----------------------------------------------------------------------------------
@@ -348,8 +472,8 @@ def rated(env: Env, sc: Scenario, unit: str, config: Callable[[], LoadConfig]) -
     pairs = [(measure(env, sc.key, "relayproxy", config()), measure(env, sc.key, "direct", config())) for _ in range(rounds(env))]
     proxy, direct = median_pair(pairs)
     sc.rows += [proxy, direct]
-    if "aiosmtpd" in targets_for(env, sc.key):
-        sc.rows.append(measure(env, sc.key, "aiosmtpd", config()))
+    for peer in peers_for(env, sc.key):
+        sc.rows.append(measure(env, sc.key, peer, config()))
     if len(pairs) > 1:
         sc.notes.append(f"Rounds (relayproxy / direct {unit}): " + "; ".join(
             f"{fmt(p.rate)} / {fmt(d.rate)} = {fmt(round_ratio(p, d), 2)}x" for p, d in pairs
@@ -384,8 +508,7 @@ def big_message(env: Env) -> Scenario:
     sc = Scenario("big", f"One {big // MiB} MiB message vs one 1 MiB message (1 session; peak RSS)", kind="big")
     for target in targets_for(env, "big"):
         server: Server | None = None
-        row = Row(target, {"relayproxy": "relayproxy", "direct": "direct to sink",
-                           "aiosmtpd": "aiosmtpd Proxy + AUTH (measured)"}[target])
+        row = Row(target, target_label(env, target))
         try:
             if target == "relayproxy":
                 server = start_proxy(env)
@@ -422,10 +545,7 @@ def big_message(env: Env) -> Scenario:
         finally:
             if server:
                 server.stop()
-                if server.name == "relayproxy":
-                    bad = twistd_log_problems(server)
-                    if bad:
-                        env.problems.append(f"big / {target}: {len(bad)} error lines in the twistd log, e.g. {bad[0][:300]}")
+                server_problems(env, f"big / {target}", server)
         sc.rows.append(row)
     return sc
 
@@ -469,6 +589,93 @@ def auth_rate(env: Env) -> Scenario:
     return sc
 
 
+DISTANT_RECIPIENTS = (1, 10, 50)
+GREETING_RTTS = 2.0  # bench/distant_sink.py's default: the TCP handshake's round trip, then the greeting's
+
+
+def floor_rtts(pipelining: bool, recipients: int, connect: bool, through_proxy: bool) -> float:
+    """Round trips to the distant sink that the client's own protocol needs for one message: the least
+    any relay could take. Through the proxy a connecting client still needs only the message's: the
+    proxy is local, and its pooled upstream session is already open and greeted."""
+    message = 2.0 if pipelining else 3.0 + recipients  # (MAIL+RCPTs+DATA), dot | MAIL, RCPT x N, DATA, dot
+    if connect and not through_proxy:
+        message += GREETING_RTTS + 2  # connect + greeting, EHLO, AUTH
+    return message
+
+
+def distant(env: Env) -> Scenario:
+    """Sequential messages on one session to a sink one RTT away: pipelining and not, 1/10/50 recipients,
+    straight to the sink and through relayproxy, on an open session and connecting per message."""
+    rtt = env.rtt_ms / 1000
+    sc = Scenario("distant", f"Distant upstream: every reply one round trip ({env.rtt_ms:g} ms) after its command",
+                  kind="distant")
+    sink_port = free_port()
+    sink: Server | None = None
+    proxy: Server | None = None
+    messages, max_seconds, least = (8, 2.0, 3) if env.quick else (40, 8.0, 10)
+    try:
+        sink = Server("distant-sink", [env.python, str(BENCH / "distant_sink.py"), "--port", str(sink_port),
+                                       "--rtt-ms", str(env.rtt_ms), "--greeting-rtts", str(GREETING_RTTS)],
+                      sink_port, log=env.tmp / "distant-sink.log")
+        try:
+            proxy = start_proxy(env, upstream_port=sink_port)
+            error = warm_up(proxy.port)
+            if error:
+                env.problems.append(f"distant / relayproxy: warm-up message failed: {error}")
+        except RuntimeError as e:  # the direct rows are still worth having
+            env.problems.append(f"distant / relayproxy: {e}")
+            print(f"  distant        relayproxy failed: {e}")
+        for pipelining in (True, False):
+            for n in DISTANT_RECIPIENTS:
+                for target, connect in (("direct", False), ("direct", True), ("relayproxy", False), ("relayproxy", True)):
+                    if target == "relayproxy" and proxy is None:
+                        continue
+                    port = proxy.port if proxy and target == "relayproxy" else sink_port
+                    cfg = DistantConfig(port=port, pipelining=pipelining, recipients=n, connect_per_message=connect,
+                                        messages=messages, max_seconds=max_seconds, min_messages=least,
+                                        user=USER, password=PASSWORD)
+                    client = "pipelining" if pipelining else "not pipelining"
+                    session = "connect + EHLO + AUTH per message" if connect else "open session"
+                    print(f"  {'distant':<14} {target:<10} {client}, {n} rcpt, {session} ...", end="", flush=True)
+                    cpu0 = proxy.cpu() if proxy and target == "relayproxy" else None
+                    result = distant_client.run(cfg)
+                    row = Row(target, target_label(env, target), result=result)
+                    if proxy and cpu0 is not None:
+                        row.cpu_s = proxy.cpu() - cpu0
+                    row.extra.update(pipelining=pipelining, recipients=n, connect=connect, client=client, session=session,
+                                     floor=floor_rtts(pipelining, n, connect, target == "relayproxy"))
+                    sc.rows.append(row)
+                    p50 = result.percentile(50)
+                    print(f" {result.ok} msgs, p50 {ms(p50)} ms = {fmt(p50 / rtt if p50 else None, 2)} RTT, {result.errors} errors")
+                    if result.errors:
+                        env.problems.append(f"distant / {target} ({client}, {n} rcpt, {session}): " + " | ".join(result.error_samples[:3]))
+        if proxy and not proxy.alive():
+            env.problems.append(f"distant / relayproxy: the process exited with status {proxy.proc.returncode}{proxy.log_tail()}")
+    except RuntimeError as e:
+        env.problems.append(f"distant: {e}")
+        print(f"  distant failed: {e}")
+    finally:
+        if proxy:
+            proxy.stop()
+            server_problems(env, "distant / relayproxy", proxy)
+        if sink:
+            if not sink.alive():
+                env.problems.append(f"distant: the distant sink exited with status {sink.proc.returncode}{sink.log_tail()}")
+            sink.stop()
+    sc.notes.append(
+        f"bench/distant_sink.py holds every reply back by the RTT ({env.rtt_ms:g} ms), from the moment its command "
+        f"arrived (a pipelined group's replies each RTT after their own command, in order); its greeting leaves "
+        f"{GREETING_RTTS:g} RTT after the connection was accepted (handshake + greeting). Latency per message: MAIL "
+        "sent to the final 250 on an open session; connect started to the final 250 when connecting per message. "
+        f"Each row: up to {messages} sequential messages of 10 KiB (at least {least}, then stopping after "
+        f"{max_seconds:g} s), after one untimed message; one relayproxy process (upstream = the distant sink, "
+        "`tls = \"none\"`, its default pool) serves every relayproxy row. \"floor\" = the round trips the client's "
+        "own dialogue needs with the distant sink (through the proxy, the message's only: the proxy is local and "
+        "its pooled upstream session is already open); proxy CPU = relayproxy's utime+stime per message in that row."
+    )
+    return sc
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -488,13 +695,14 @@ def rate_table(sc: Scenario, unit: str, p50_label: str, ratio_digits: int, refer
     """Rows of rate, ratio to the direct row, latency, CPU and memory: messages or AUTHs."""
     direct = sc.row("direct")
     out = [
-        f"| target | {unit}/s | ratio to direct | {p50_label} | p99 ms | CPU s / 1,000 {unit} | peak RSS MiB | {unit}s | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| target | {unit}/s | ratio to direct | {p50_label} | p99 ms | CPU s / 1,000 {unit} | generator CPU s / 1,000 {unit} "
+        f"| CPU / generator CPU | peak RSS MiB | {unit}s | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in sc.rows:
         r = row.result
         if r is None:
-            out.append(f"| {row.label} | {row.note or 'not run'} | | | | | | | |")
+            out.append(f"| {row.label} | {row.note or 'not run'} | | | | | | | | | |")
             continue
         if row.target == "direct":
             ratio = "1.00x"
@@ -502,14 +710,61 @@ def rate_table(sc: Scenario, unit: str, p50_label: str, ratio_digits: int, refer
             ratio = f"{r.rate / direct.result.rate:.{ratio_digits}f}x"
         else:
             ratio = "-"
+        cpu, gen = row.cpu_per_1000(), row.generator_cpu_per_1000()
         out.append(
             f"| {row.label} | {fmt(r.rate)} | {ratio} | {ms(r.percentile(50))} | {ms(r.percentile(99))} | "
-            f"{fmt(row.cpu_per_1000(), 2)} | {fmt(row.rss_peak)} | {r.ok:,} | {r.errors} |"
+            f"{fmt(cpu, 2)} | {fmt(gen, 2)} | {fmt(cpu / gen if cpu is not None and gen else None, 2)} | "
+            f"{fmt(row.rss_peak)} | {r.ok:,} | {r.errors} |"
         )
     if reference:
-        for ref in REFERENCE.values():
+        measured = {row.target for row in sc.rows if row.result is not None}
+        for key, ref in REFERENCE.items():
+            if key in measured:
+                continue  # measured in this run: the figure from elsewhere is not needed
             rate = ref["rate"] if isinstance(ref["rate"], str) else fmt(ref["rate"], 0)
-            out.append(f"| {ref['label']} | {rate} | {ref['ratio']} | (+{ref['added_p50']} 1 session) | - | {ref['cpu']} | - | - | - |")
+            out.append(f"| {ref['label']} | {rate} | {ref['ratio']} | (+{ref['added_p50']} 1 session) | - | {ref['cpu']} | - | - | - | - | - |")
+    return out
+
+
+def cpu_table(scenarios: dict[str, Scenario]) -> list[str]:
+    """The no-regression figure: proxy CPU per message against the load generator's own, same round."""
+    out = [
+        "| scenario | relayproxy CPU ms / msg | generator CPU ms / msg (through relayproxy) | relayproxy / generator "
+        "| generator CPU ms / msg (direct) | relayproxy / generator (direct) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key in ("s20x1", "s20x10", "s1", "s20x1m"):
+        sc = scenarios.get(key)
+        if sc is None:
+            continue
+        p, d = sc.row("relayproxy"), sc.row("direct")
+        cpu = p.cpu_per_1000() if p else None
+        gen = p.generator_cpu_per_1000() if p else None
+        gen_d = d.generator_cpu_per_1000() if d else None
+        out.append(f"| {sc.title} | {fmt(cpu, 3)} | {fmt(gen, 3)} | {fmt(cpu / gen if cpu is not None and gen else None, 2)} | "
+                   f"{fmt(gen_d, 3)} | {fmt(cpu / gen_d if cpu is not None and gen_d else None, 2)} |")
+    return out
+
+
+def distant_table(sc: Scenario, rtt_ms: float) -> list[str]:
+    out = [
+        "| client | recipients | target | session | msgs | p50 ms | p99 ms | p50 RTT | floor RTT | p50 - floor ms "
+        "| proxy CPU ms / msg | errors |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in sc.rows:
+        r, x = row.result, row.extra
+        if r is None:
+            continue
+        p50 = r.percentile(50)
+        above = (p50 * 1000 - x["floor"] * rtt_ms) if p50 is not None else None
+        # The proxy's CPU over the row covers its untimed first message too.
+        cpu = row.cpu_s * 1000 / (r.ok + 1) if row.cpu_s is not None else None
+        out.append(
+            f"| {x['client']} | {x['recipients']} | {row.label} | {x['session']} | {r.ok} | {ms(p50)} | {ms(r.percentile(99))} | "
+            f"{fmt(p50 * 1000 / rtt_ms if p50 is not None else None, 2)} | {x['floor']:g} | {fmt(above, 2)} | "
+            f"{fmt(cpu, 2)} | {r.errors} |"
+        )
     return out
 
 
@@ -667,7 +922,52 @@ def evaluate(scenarios: dict[str, Scenario], env: Env) -> list[Target]:
         met, margin = verdict(rate, 2000.0, True, " AUTH/s", 0)
         targets.append(Target("repeated AUTH of one user, 20 concurrent connections", ">= 2,000 AUTH/s",
                               "-" if rate is None else f"{rate:,.1f} AUTH/s", met, margin))
+    sc = scenarios.get("distant")
+    if sc:
+        targets += distant_targets(sc, env.rtt_ms)
     return targets
+
+
+def distant_targets(sc: Scenario, rtt_ms: float) -> list[Target]:
+    def p50_ms(target: str, pipelining: bool, n: int, connect: bool) -> float | None:
+        for row in sc.rows:
+            x = row.extra
+            if (row.target, x.get("pipelining"), x.get("recipients"), x.get("connect")) == (target, pipelining, n, connect):
+                p50 = row.result.percentile(50) if row.result else None
+                return None if p50 is None else p50 * 1000
+        return None
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} ms ({value / rtt_ms:.2f} RTT)"
+
+    targets: list[Target] = []
+    for pipelining in (True, False):
+        client = "pipelining" if pipelining else "non-pipelining"
+        for n in DISTANT_RECIPIENTS:
+            rtts = 2 if pipelining else 3 + n
+            goal = rtts * rtt_ms + 3
+            value = p50_ms("relayproxy", pipelining, n, False)
+            met, margin = verdict(value, goal, False, " ms", 1)
+            formula = "2 RTT + 3 ms" if pipelining else f"(3 + {n}) RTT + 3 ms"
+            targets.append(Target(f"distant upstream ({rtt_ms:g} ms RTT), {client} client, {n} recipient{'s' if n > 1 else ''}: "
+                                  "relayproxy p50 per message", f"<= {formula} = {goal:g} ms", shown(value), met, margin))
+    for pipelining in (True, False):
+        client = "pipelining" if pipelining else "non-pipelining"
+        for n in DISTANT_RECIPIENTS:
+            direct = p50_ms("direct", pipelining, n, True)
+            value = p50_ms("relayproxy", pipelining, n, True)
+            met, margin = verdict(value, direct, False, " ms", 1) if direct is not None else (None, "not measured")
+            targets.append(Target(f"distant upstream, {client} client connecting once per message, {n} recipient{'s' if n > 1 else ''}: "
+                                  "p50 through relayproxy vs straight to the sink", f"< direct {shown(direct)}", shown(value), met, margin))
+    return targets
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages: anything else busy on the machine shows here."""
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def machine() -> list[str]:
@@ -706,15 +1006,22 @@ def report(env: Env, scenarios: dict[str, Scenario], targets: list[Target], star
         f"{now}; git {git_rev()}; took {time.monotonic() - started:.0f} s.",
         "",
         "- Machine: " + ", ".join(machine()) + ".",
+        f"- Load average (1 / 5 / 15 min) at the start: {env.loadavg_start}; at the end: {loadavg()} "
+        "(other work on the machine shares its cores with the benchmark).",
         f"- Sink: {env.sink_kind}.",
         "- Load generator: bench/loadgen.py (asyncio streams, AUTH PLAIN on every connection, no pipelining; "
-        "2 processes for 20+ sessions). Latency per message = MAIL sent to final 250.",
+        "2 processes for 20+ sessions). Latency per message = MAIL sent to final 250. Distant scenario: "
+        "bench/distant_client.py (one session, pipelining or not) against bench/distant_sink.py.",
         "- Proxy: `twistd -n --pidfile= relayproxy --config CONFIG` from this checkout (PYTHONPATH), loopback plaintext "
         "listener, upstream 127.0.0.1 `tls = \"none\"`, one user with bcrypt cost "
         f"{env.bcrypt_cost}{'' if env.bcrypt_cost == 12 else ' (NOT the production cost 12)'}, [limits] max_connections and "
         "max_connections_per_ip 5000; a fresh process per round, so peak RSS (VmHWM) and CPU (utime+stime) are per round.",
-        f"- Peers: aiosmtpd Proxy handler with AUTH (bench/peer_aiosmtpd.py, bcrypt users file): "
-        f"{'measured' if env.aiosmtpd else 'not installed'}; E-MailRelay: "
+        f"- Peers: aiosmtpd Proxy handler with AUTH (bench/peer_aiosmtpd.py, bcrypt users file, a verified login "
+        f"remembered for 300 s): {'measured' if env.aiosmtpd else 'not measured'}; "
+        + (f"Postfix {env.postfix_version} smtpd with Cyrus SASL (sasldb) relaying to the sink via relayhost "
+           "(bench/peer_postfix.py, a private instance on 127.0.0.1): measured in the rate scenarios; "
+           if env.postfix is None else f"Postfix + SASL: not measured ({env.postfix}), reference figure shown; ")
+        + "E-MailRelay: "
         f"{'installed at ' + env.emailrelay + ' but not driven by this harness' if env.emailrelay else 'not installed'} "
         "(reference figures from the performance notes, measured elsewhere, are labelled as such).",
         f"- Command: `{' '.join(argv)}`",
@@ -727,6 +1034,12 @@ def report(env: Env, scenarios: dict[str, Scenario], targets: list[Target], star
     for t in targets:
         v = "n/a" if t.met is None else ("met" if t.met else "**missed**")
         lines.append(f"| {t.what} | {t.goal} | {t.measured} | {v} {t.margin} |")
+    if any(key in scenarios for key in ("s20x1", "s20x10", "s1", "s20x1m")):
+        lines += ["", "## CPU per message: relayproxy and the load generator (the no-regression figure)", ""]
+        lines += cpu_table(scenarios)
+        lines += ["", "relayproxy CPU = the proxy process's utime+stime during the round shown below; generator CPU = "
+                  "utime+stime of bench/loadgen.py's worker processes (from their own os.times()) in the same round, "
+                  "per accepted message. The ratio cancels most of a shared VM's speed drift between runs."]
     for sc in scenarios.values():
         lines += ["", f"## {sc.title}", ""]
         if sc.kind == "throughput":
@@ -737,6 +1050,8 @@ def report(env: Env, scenarios: dict[str, Scenario], targets: list[Target], star
             lines += hold_table(sc)
         elif sc.kind == "auth":
             lines += rate_table(sc, "AUTH", "p50 ms (connect to AUTH reply)", 3)
+        elif sc.kind == "distant":
+            lines += distant_table(sc, env.rtt_ms)
         for note in sc.notes:
             lines += ["", note]
     lines += ["", "## Problems", ""]
@@ -747,7 +1062,7 @@ def report(env: Env, scenarios: dict[str, Scenario], targets: list[Target], star
 # -- main ---------------------------------------------------------------------------------------
 
 
-SCENARIOS = ["s20x1", "s20x10", "s1", "s20x1m", "big", "hold", "auth"]
+SCENARIOS = ["s20x1", "s20x10", "s1", "s20x1m", "big", "hold", "auth", "distant"]
 
 
 def raise_nofile() -> str:
@@ -766,7 +1081,8 @@ def main() -> int:
                     help="a ~1 minute smoke run (also BENCH_QUICK=1)")
     ap.add_argument("--only", default="", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
     ap.add_argument("--sink", choices=["auto", "smtp-sink", "asyncio"], default="auto")
-    ap.add_argument("--no-peers", action="store_true", help="skip the aiosmtpd peer")
+    ap.add_argument("--no-peers", action="store_true", help="skip the aiosmtpd and Postfix peers")
+    ap.add_argument("--rtt-ms", type=float, default=20.0, help="the distant scenario's round trip (default 20 ms)")
     ap.add_argument("--bcrypt-cost", type=int, default=12,
                     help="cost of the benchmark user's bcrypt hash (default 12, as in production; lower only to diagnose)")
     ap.add_argument("--output", type=Path, default=BENCH / "results" / "latest.md")
@@ -774,6 +1090,7 @@ def main() -> int:
                     help="profile the proxy with cProfile (twistd --profiler) in the s20x10 scenario; write the top functions here")
     args = ap.parse_args()
     started = time.monotonic()
+    load_at_start = loadavg()
     nofile = raise_nofile()
     only = [s for s in args.only.split(",") if s] or SCENARIOS
     if args.profile:
@@ -800,10 +1117,13 @@ def main() -> int:
     sink, sink_kind = start_sink(tmp, args.sink)
     env = Env(quick=args.quick, tmp=tmp, python=sys.executable, twistd=twistd, sink=sink, sink_kind=sink_kind,
               users_file=users, users_file_cheap=users_cheap, aiosmtpd=have_aiosmtpd, emailrelay=shutil.which("emailrelay"),
-              bcrypt_cost=args.bcrypt_cost)
+              bcrypt_cost=args.bcrypt_cost, rtt_ms=args.rtt_ms,
+              postfix="--no-peers" if args.no_peers or args.profile else peer_postfix.missing(),
+              postfix_version=peer_postfix.version(), loadavg_start=load_at_start)
     if args.profile:
         env.profile = tmp / "proxy.prof"
     print(f"bench: sink {sink_kind}")
+    print(f"bench: Postfix peer {'available (Postfix ' + env.postfix_version + ')' if env.postfix is None else 'not used: ' + env.postfix}")
     print(f"bench: aiosmtpd peer {'available' if have_aiosmtpd else 'not used'}; "
           f"E-MailRelay {'found at ' + env.emailrelay + ' (not driven by this harness)' if env.emailrelay else 'not installed'}")
     d = durations(env)
@@ -825,6 +1145,8 @@ def main() -> int:
                 scenarios[key] = hold(env)
             elif key == "auth":
                 scenarios[key] = auth_rate(env)
+            elif key == "distant":
+                scenarios[key] = distant(env)
             if not sink.alive():
                 env.problems.append(f"the sink exited with status {sink.proc.returncode} during {key}")
                 break
@@ -855,6 +1177,8 @@ def main() -> int:
     if not args.profile:
         print(f"bench: written to {args.output}")
     shutil.rmtree(tmp, ignore_errors=True)
+    for directory in env.cleanup:
+        shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 
