@@ -374,7 +374,7 @@ class Relay:
                 return Forwarded((e.reply,) * len(commands), e.reply)
         upstream = self._upstream
         replies = await upstream.envelope(commands)
-        for command, reply in zip(commands, replies):
+        for i, (command, reply) in enumerate(zip(commands, replies)):
             if isinstance(command, Mail):
                 if reply.is_positive:
                     self._transaction = _Transaction(command.sender, self.s.clock.seconds())
@@ -382,6 +382,18 @@ class Relay:
                 self._transaction.recipients += reply.is_positive
                 self._transaction.refused += not reply.is_positive
             elif isinstance(command, Data) and reply.code == 354:
+                if self._transaction is None:
+                    # 354 to the DATA pipelined after a MAIL it refused: the upstream now waits
+                    # for message text of a transaction that does not exist. Never used again,
+                    # and the client gets no 354 it could not use.
+                    name = self._user.upstream.name
+                    error = UpstreamError(
+                        Catalogue.UPSTREAM_BAD_REPLY, f"upstream {name}: 354 to DATA after refusing MAIL: {reply}", step="DATA"
+                    )
+                    self._log_upstream_failure(error)
+                    upstream.abort()
+                    self._upstream = None
+                    return Forwarded((*replies[:i], error.reply))
                 self._start_body(upstream)
         if upstream.failure is not None:
             self._log_upstream_failure(upstream.failure)
