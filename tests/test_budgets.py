@@ -15,13 +15,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import ProxyFactory
-from harness import (
-    CLIENT_PASSWORD, CLIENT_USER, Proxy, RawClient, Recorder, auth_plain_line, free_port, recorder_upstream, wait_for,
-)
+from harness import CLIENT_USER, Proxy, free_port, wait_for
+from peers import Client, ScriptedUpstream
 
 from relayproxy.smtp.reply import Catalogue
 
@@ -31,24 +29,20 @@ STORE_DOWN = Catalogue.LIMIT_STORE_UNAVAILABLE.to_bytes()
 LIMIT = re.compile(rb"^451 4\.7\.1 Sending limit reached for app1, try again after (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\r\n$")
 
 
-class Client(RawClient):
-    """A RawClient from a chosen loopback source address (per-IP limits)."""
+def connect(port: int, source: str = "127.0.0.1") -> Client:
+    """A client from a chosen loopback source address (per-IP limits), greeted and after EHLO."""
+    c = Client(port, source=source)
+    assert c.greeting.startswith(b"220 ")
+    c.ehlo(b"client.test")
+    return c
 
-    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        self.sock: Any = socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source, 0))
-        self.buf = b""
-        assert self.reply().startswith(b"220 ")
-        assert self.command(b"EHLO client.test").startswith(b"250")
 
-    def login(self, password: str = CLIENT_PASSWORD) -> bytes:
-        return self.command(auth_plain_line(CLIENT_USER, password))
-
-    def send_message(self, recipients: tuple[bytes, ...] = (b"bob@example.net",)) -> None:
-        assert self.command(b"MAIL FROM:<app1@example.org>").startswith(b"250 ")
-        for rcpt in recipients:
-            assert self.command(b"RCPT TO:<" + rcpt + b">").startswith(b"250 ")
-        assert self.command(b"DATA").startswith(b"354")
-        assert self.command(b"Subject: budget\r\n\r\nhello\r\n.").startswith(b"250 ")
+def send_message(c: Client, recipients: tuple[bytes, ...] = (b"bob@example.net",)) -> None:
+    assert c.command(b"MAIL FROM:<app1@example.org>").startswith(b"250 ")
+    for rcpt in recipients:
+        assert c.command(b"RCPT TO:<" + rcpt + b">").startswith(b"250 ")
+    assert c.command(b"DATA").startswith(b"354")
+    assert c.command(b"Subject: budget\r\n\r\nhello\r\n.").startswith(b"250 ")
 
 
 def limit_time(reply: bytes) -> float:
@@ -67,31 +61,31 @@ def budget_config(store: str | None = None, user: str = "max_messages_per_hour =
 # -- in one process -------------------------------------------------------------------------------
 
 
-def test_messages_per_hour(make_proxy: ProxyFactory, recorder: Recorder) -> None:
-    proxy = make_proxy(recorder_upstream(recorder), extra=budget_config())
-    c = Client(proxy.plain_port)
-    assert c.login() == AUTH_OK
+def test_messages_per_hour(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    proxy = make_proxy(upstream.toml(), extra=budget_config())
+    c = connect(proxy.plain_port)
+    assert c.auth() == AUTH_OK
     start = time.time()
-    c.send_message()
-    c.send_message()
+    send_message(c)
+    send_message(c)
     refusal = c.command(b"MAIL FROM:<app1@example.org>")
     # The budget frees up an hour after the first message was accepted.
     assert start + 3600 - 1 <= limit_time(refusal) <= time.time() + 3600 + 1
     # A temporary refusal: the session goes on.
     assert c.command(b"NOOP").startswith(b"250 ")
     c.close()
-    wait_for(lambda: recorder.closed >= 1)
-    assert [line for line in recorder.commands if line.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"] * 2, (
+    wait_for(lambda: upstream.closed >= 1)
+    assert [line for line in upstream.commands if line.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"] * 2, (
         "the refused MAIL reached the upstream"
     )
 
 
-def test_recipients_per_day(make_proxy: ProxyFactory, recorder: Recorder) -> None:
-    proxy = make_proxy(recorder_upstream(recorder), extra=budget_config(user="max_recipients_per_day = 3"))
-    c = Client(proxy.plain_port)
-    assert c.login() == AUTH_OK
+def test_recipients_per_day(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    proxy = make_proxy(upstream.toml(), extra=budget_config(user="max_recipients_per_day = 3"))
+    c = connect(proxy.plain_port)
+    assert c.auth() == AUTH_OK
     start = time.time()
-    c.send_message((b"a@example.net", b"b@example.net"))
+    send_message(c, (b"a@example.net", b"b@example.net"))
     assert c.command(b"MAIL FROM:<app1@example.org>").startswith(b"250 ")
     assert c.command(b"RCPT TO:<c@example.net>").startswith(b"250 ")
     # A fourth recipient today: refused, the message goes on with those accepted.
@@ -103,12 +97,12 @@ def test_recipients_per_day(make_proxy: ProxyFactory, recorder: Recorder) -> Non
     c.close()
 
 
-def test_users_without_budget_are_unlimited(make_proxy: ProxyFactory, recorder: Recorder) -> None:
-    proxy = make_proxy(recorder_upstream(recorder), extra=budget_config(user='upstream = "default"'))
-    c = Client(proxy.plain_port)
-    assert c.login() == AUTH_OK
+def test_users_without_budget_are_unlimited(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    proxy = make_proxy(upstream.toml(), extra=budget_config(user='upstream = "default"'))
+    c = connect(proxy.plain_port)
+    assert c.auth() == AUTH_OK
     for _ in range(4):
-        c.send_message()
+        send_message(c)
     c.close()
 
 
@@ -174,20 +168,20 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-def two_proxies(make_proxy: ProxyFactory, recorder: Recorder, extra: str) -> tuple[Proxy, Proxy]:
-    return make_proxy(recorder_upstream(recorder), extra=extra), make_proxy(recorder_upstream(recorder), extra=extra)
+def two_proxies(make_proxy: ProxyFactory, upstream: ScriptedUpstream, extra: str) -> tuple[Proxy, Proxy]:
+    return make_proxy(upstream.toml(), extra=extra), make_proxy(upstream.toml(), extra=extra)
 
 
-def test_two_instances_share_one_budget(make_proxy: ProxyFactory, recorder: Recorder, redis: RedisServer) -> None:
-    a, b = two_proxies(make_proxy, recorder, budget_config(redis.url))
+def test_two_instances_share_one_budget(make_proxy: ProxyFactory, upstream: ScriptedUpstream, redis: RedisServer) -> None:
+    a, b = two_proxies(make_proxy, upstream, budget_config(redis.url))
     start = time.time()
     for proxy in (a, a):
-        c = Client(proxy.plain_port)
-        assert c.login() == AUTH_OK
-        c.send_message()
+        c = connect(proxy.plain_port)
+        assert c.auth() == AUTH_OK
+        send_message(c)
         c.close()
-    c = Client(b.plain_port)
-    assert c.login() == AUTH_OK
+    c = connect(b.plain_port)
+    assert c.auth() == AUTH_OK
     refusal = c.command(b"MAIL FROM:<app1@example.org>")
     assert start + 3600 - 1 <= limit_time(refusal) <= time.time() + 3600 + 1
     c.close()
@@ -197,32 +191,32 @@ def test_two_instances_share_one_budget(make_proxy: ProxyFactory, recorder: Reco
     assert 3500_000 < int(redis.cli("PTTL", keys[0])) <= 3600_000
 
 
-def test_two_instances_share_one_guessing_limit(make_proxy: ProxyFactory, recorder: Recorder, redis: RedisServer) -> None:
+def test_two_instances_share_one_guessing_limit(make_proxy: ProxyFactory, upstream: ScriptedUpstream, redis: RedisServer) -> None:
     limits = "auth_failures_per_ip = 4\nauth_failures_per_user = 100"
-    a, b = two_proxies(make_proxy, recorder, budget_config(redis.url, limits=limits))
+    a, b = two_proxies(make_proxy, upstream, budget_config(redis.url, limits=limits))
     guesser = "127.0.0.7"
     for proxy in (a, b):
-        c = Client(proxy.plain_port, source=guesser)
+        c = connect(proxy.plain_port, source=guesser)
         for _ in range(2):
-            assert c.login("wrong").startswith(b"535 5.7.8")
+            assert c.auth(password="wrong").startswith(b"535 5.7.8")
         c.close()
     # Each instance saw two failures; together they reached four: blocked on both, before any
     # password check, even with the right password.
     for proxy in (b, a):
-        c = Client(proxy.plain_port, source=guesser)
-        assert c.login() == THROTTLED
+        c = connect(proxy.plain_port, source=guesser)
+        assert c.auth() == THROTTLED
         c.close()
     # Only that address.
-    c = Client(a.plain_port, source="127.0.0.8")
-    assert c.login() == AUTH_OK
+    c = connect(a.plain_port, source="127.0.0.8")
+    assert c.auth() == AUTH_OK
     c.close()
 
 
-def test_unreachable_store_refuses_auth(make_proxy: ProxyFactory, recorder: Recorder, log_lines: list[str]) -> None:
+def test_unreachable_store_refuses_auth(make_proxy: ProxyFactory, upstream: ScriptedUpstream, log_lines: list[str]) -> None:
     port = free_port()  # nothing listens there
-    proxy = make_proxy(recorder_upstream(recorder), extra=budget_config(f"redis://127.0.0.1:{port}/0"))
-    c = Client(proxy.plain_port)
-    assert c.login() == THROTTLED
+    proxy = make_proxy(upstream.toml(), extra=budget_config(f"redis://127.0.0.1:{port}/0"))
+    c = connect(proxy.plain_port)
+    assert c.auth() == THROTTLED
     assert c.command(b"NOOP").startswith(b"250 ")
     c.close()
     wait_for(lambda: any("limit store unavailable" in line for line in log_lines))
@@ -230,26 +224,26 @@ def test_unreachable_store_refuses_auth(make_proxy: ProxyFactory, recorder: Reco
     assert f"redis://127.0.0.1:{port}/0" in line
 
 
-def test_silent_store_times_out(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+def test_silent_store_times_out(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
     """A store that accepts connections but never answers (a hung Redis) costs a timeout, not a hang."""
     silent = socket.create_server(("127.0.0.1", 0))
     try:
         port = silent.getsockname()[1]
-        proxy = make_proxy(recorder_upstream(recorder), extra=budget_config(f"redis://127.0.0.1:{port}/0"))
-        c = Client(proxy.plain_port)
+        proxy = make_proxy(upstream.toml(), extra=budget_config(f"redis://127.0.0.1:{port}/0"))
+        c = connect(proxy.plain_port)
         start = time.monotonic()
-        assert c.login() == THROTTLED
+        assert c.auth() == THROTTLED
         assert time.monotonic() - start < 6
         c.close()
     finally:
         silent.close()
 
 
-def test_store_lost_after_auth(make_proxy: ProxyFactory, recorder: Recorder, redis: RedisServer, log_lines: list[str]) -> None:
-    proxy = make_proxy(recorder_upstream(recorder), extra=budget_config(redis.url))
-    c = Client(proxy.plain_port)
-    assert c.login() == AUTH_OK
-    c.send_message()
+def test_store_lost_after_auth(make_proxy: ProxyFactory, upstream: ScriptedUpstream, redis: RedisServer, log_lines: list[str]) -> None:
+    proxy = make_proxy(upstream.toml(), extra=budget_config(redis.url))
+    c = connect(proxy.plain_port)
+    assert c.auth() == AUTH_OK
+    send_message(c)
     redis.stop()
     # Under a budget that cannot be checked: a temporary refusal, and the session goes on.
     assert c.command(b"MAIL FROM:<app1@example.org>") == STORE_DOWN

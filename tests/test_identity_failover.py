@@ -5,8 +5,8 @@ from __future__ import annotations
 import smtplib
 from pathlib import Path
 
-from conftest import ProxyFactory, SmarthostFactory
-from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, UPSTREAM_USER, Proxy, Recorder, free_port
+from conftest import ProxyFactory, SmarthostFactory, UpstreamFactory
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, UPSTREAM_USER, Proxy, free_port
 
 
 def send(proxy: Proxy, pki: PKI, message: bytes, sender: str = "app1@example.org") -> tuple[int, bytes]:
@@ -64,17 +64,13 @@ def test_failover_when_the_first_host_is_down(make_proxy: ProxyFactory, make_sma
     assert len(smarthost.received) == 1
 
 
-def test_failover_when_the_first_host_answers_4xx(make_proxy: ProxyFactory, pki: PKI) -> None:
-    busy = Recorder(greeting=b"421 4.3.2 busy, try another\r\n")
-    good = Recorder()
-    try:
-        proxy = make_proxy(upstream(pki, [f"127.0.0.1:{busy.port}", f"127.0.0.1:{good.port}"], tls="none"))
-        assert send(proxy, pki, b"Subject: failover\r\n\r\nhi\r\n") == (250, b"2.0.0 Ok: queued as REC1")
-        assert b"MAIL FROM:<app1@example.org>" not in busy.data
-        assert b"MAIL FROM:<app1@example.org>" in good.data
-    finally:
-        busy.stop()
-        good.stop()
+def test_failover_when_the_first_host_answers_4xx(make_proxy: ProxyFactory, make_upstream: UpstreamFactory, pki: PKI) -> None:
+    busy = make_upstream({"greeting": b"421 4.3.2 busy, try another\r\n"})
+    good = make_upstream()
+    proxy = make_proxy(upstream(pki, [f"127.0.0.1:{busy.port}", f"127.0.0.1:{good.port}"], tls="none"))
+    assert send(proxy, pki, b"Subject: failover\r\n\r\nhi\r\n") == (250, b"2.0.0 Ok: queued as REC1")
+    assert b"MAIL FROM:<app1@example.org>" not in busy.data
+    assert b"MAIL FROM:<app1@example.org>" in good.data
 
 
 def test_refused_credentials_go_back_to_the_client(make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI) -> None:

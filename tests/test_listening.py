@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import PKI, Recorder, _listening, ensure_reactor, free_port, reactor, recorder_upstream, wait_for, write_config
+from harness import PKI, _listening, ensure_reactor, free_port, reactor, wait_for, write_config
+from peers import ScriptedUpstream
 from twisted.internet.threads import blockingCallFromThread
 
 from relayproxy.config import load_config
@@ -37,10 +38,10 @@ def start(path: Path) -> None:
 
 
 def test_a_listener_on_a_port_in_use_stops_the_start_and_unbinds_the_others(
-    tmp_path: Path, pki: PKI, recorder: Recorder, busy_port: int
+    tmp_path: Path, pki: PKI, upstream: ScriptedUpstream, busy_port: int
 ) -> None:
     extra = f'[[listener]]\nendpoint = "tcp:{busy_port}:interface=127.0.0.1"\ntls = "starttls"\n'
-    path, ports = write_config(tmp_path, pki, recorder_upstream(recorder), extra=extra)
+    path, ports = write_config(tmp_path, pki, upstream.toml(), extra=extra)
     with pytest.raises(CannotListen) as refused:
         start(path)
     assert str(refused.value) == (
@@ -50,18 +51,18 @@ def test_a_listener_on_a_port_in_use_stops_the_start_and_unbinds_the_others(
     wait_for(lambda: not any(_listening(port) for port in ports))
 
 
-def test_a_metrics_endpoint_in_use_stops_the_start(tmp_path: Path, pki: PKI, recorder: Recorder, busy_port: int) -> None:
+def test_a_metrics_endpoint_in_use_stops_the_start(tmp_path: Path, pki: PKI, upstream: ScriptedUpstream, busy_port: int) -> None:
     extra = f'[metrics]\nendpoint = "tcp:{busy_port}:interface=127.0.0.1"\n'
-    path, ports = write_config(tmp_path, pki, recorder_upstream(recorder), extra=extra)
+    path, ports = write_config(tmp_path, pki, upstream.toml(), extra=extra)
     with pytest.raises(CannotListen, match=f"^cannot listen on tcp:{busy_port}:interface=127.0.0.1: "):
         start(path)
     wait_for(lambda: not any(_listening(port) for port in ports))
 
 
-def test_an_interface_address_not_on_this_host_stops_the_start(tmp_path: Path, pki: PKI, recorder: Recorder) -> None:
+def test_an_interface_address_not_on_this_host_stops_the_start(tmp_path: Path, pki: PKI, upstream: ScriptedUpstream) -> None:
     # 192.0.2.0/24 is TEST-NET-1: never a local address; binding it fails without sending a packet.
     extra = f'[[listener]]\nendpoint = "haproxy:tcp:{free_port()}:interface=192.0.2.1"\ntls = "implicit"\n'
-    path, ports = write_config(tmp_path, pki, recorder_upstream(recorder), extra=extra)
+    path, ports = write_config(tmp_path, pki, upstream.toml(), extra=extra)
     with pytest.raises(CannotListen) as refused:
         start(path)
     # The endpoint as configured, prefix and all: what the operator finds in the file.

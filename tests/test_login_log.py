@@ -7,7 +7,8 @@ import smtplib
 from typing import Any
 
 from conftest import ProxyFactory
-from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, Recorder, fields_of, recorder_upstream
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, fields_of
+from peers import ScriptedUpstream
 from twisted.internet.task import Clock
 
 from relayproxy.logs import FirstSeen
@@ -20,9 +21,9 @@ def log_in_and_quit(proxy: Proxy, pki: PKI, source: str = "127.0.0.1") -> None:
 
 
 def test_a_login_is_logged_once_per_address(
-    make_proxy: ProxyFactory, recorder: Recorder, pki: PKI, events: list[dict[str, Any]]
+    make_proxy: ProxyFactory, upstream: ScriptedUpstream, pki: PKI, events: list[dict[str, Any]]
 ) -> None:
-    proxy = make_proxy(recorder_upstream(recorder))
+    proxy = make_proxy(upstream.toml())
     for _ in range(3):
         log_in_and_quit(proxy, pki)
     log_in_and_quit(proxy, pki, source="127.0.0.2")

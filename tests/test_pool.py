@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import smtplib
 
-from conftest import ProxyFactory, SmarthostFactory
-from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, RawClient, Recorder, auth_plain_line, smarthost_upstream, wait_for
+from conftest import ProxyFactory, SmarthostFactory, UpstreamFactory
+from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Proxy, smarthost_upstream, wait_for
+from peers import DROP, Client, ScriptedUpstream, auth_plain
 
 
 def send(proxy: Proxy, pki: PKI, subject: str) -> tuple[int, bytes]:
@@ -17,11 +18,10 @@ def send(proxy: Proxy, pki: PKI, subject: str) -> tuple[int, bytes]:
         return smtp.data(f"Subject: {subject}\r\n\r\nhi\r\n".encode())
 
 
-def logged_in(proxy: Proxy) -> RawClient:
-    raw = RawClient(proxy.plain_port)
-    raw.reply()
+def logged_in(proxy: Proxy) -> Client:
+    raw = Client(proxy.plain_port)
     raw.command(b"EHLO client.test")
-    assert raw.command(auth_plain_line()).startswith(b"235")
+    assert raw.command(auth_plain()).startswith(b"235")
     return raw
 
 
@@ -36,15 +36,15 @@ def transaction(proxy: Proxy, subject: str = "x", mail_reply: bytes = b"250 2.0.
     raw.close()
 
 
-def send_one(raw: RawClient) -> None:
+def send_one(raw: Client) -> None:
     assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
     raw.command(b"RCPT TO:<bob@example.net>")
     raw.command(b"DATA")
     assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
 
 
-def pooled_recorder(recorder: Recorder, extra: str = "") -> str:
-    return f'[upstream.default]\nhost = "127.0.0.1"\nport = {recorder.port}\ntls = "none"\npool_size = 2\n{extra}'
+def pooled(upstream: ScriptedUpstream, extra: str = "") -> str:
+    return upstream.toml(pool_size=2) + extra
 
 
 def test_next_client_reuses_the_authenticated_session(make_proxy: ProxyFactory, make_smarthost: SmarthostFactory, pki: PKI) -> None:
@@ -64,74 +64,68 @@ def test_pool_size_0_keeps_nothing(make_proxy: ProxyFactory, make_smarthost: Sma
     assert smarthost.auth_attempts == ["PLAIN", "PLAIN"]
 
 
-def test_reused_session_starts_with_rset(make_proxy: ProxyFactory, recorder: Recorder) -> None:
-    proxy = make_proxy(pooled_recorder(recorder))
+def test_reused_session_starts_with_rset(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    proxy = make_proxy(pooled(upstream))
     for subject in ("one", "two"):
         transaction(proxy, subject)
-    assert len(recorder.sessions) == 1
-    commands = [c.split(b" ")[0].split(b":")[0] for c in recorder.commands]
+    assert len(upstream.sessions) == 1
+    commands = [c.split(b" ")[0].split(b":")[0] for c in upstream.commands]
     assert commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA"]
 
 
-def test_kept_session_sends_rset_and_mail_in_one_write(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+def test_kept_session_sends_rset_and_mail_in_one_write(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
     """The upstream offers PIPELINING: reusing a session costs no extra round trip."""
-    proxy = make_proxy(pooled_recorder(recorder))
+    proxy = make_proxy(pooled(upstream))
     for subject in ("one", "two"):
         transaction(proxy, subject)
-    assert b"RSET\r\nMAIL FROM:<app1@example.org>\r\n" in recorder.chunks
+    assert b"RSET\r\nMAIL FROM:<app1@example.org>\r\n" in upstream.all_reads
 
 
-def test_kept_session_without_pipelining_waits_for_rset(make_proxy: ProxyFactory) -> None:
-    recorder = Recorder({"EHLO": "250-recorder\r\n250 8BITMIME"})
-    try:
-        proxy = make_proxy(pooled_recorder(recorder))
-        for subject in ("one", "two"):
-            transaction(proxy, subject)
-        assert len(recorder.sessions) == 1
-        assert b"RSET\r\n" in recorder.chunks
-        assert b"MAIL FROM:<app1@example.org>\r\n" in recorder.chunks
-    finally:
-        recorder.stop()
+def test_kept_session_without_pipelining_waits_for_rset(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
+    upstream = make_upstream({"EHLO": b"250-scripted.test\r\n250 8BITMIME\r\n"})
+    proxy = make_proxy(pooled(upstream))
+    for subject in ("one", "two"):
+        transaction(proxy, subject)
+    assert len(upstream.sessions) == 1
+    assert b"RSET\r\n" in upstream.all_reads
+    assert b"MAIL FROM:<app1@example.org>\r\n" in upstream.all_reads
 
 
-def test_kept_session_refusing_rset_is_replaced(make_proxy: ProxyFactory) -> None:
-    recorder = Recorder({"RSET": "421 4.4.2 idle too long"})
-    try:
-        proxy = make_proxy(pooled_recorder(recorder))
-        for subject in ("one", "two"):
-            transaction(proxy, subject)
-        assert len(recorder.sessions) == 2
-        assert [b.split(b"\r\n")[0] for b in recorder.bodies] == [b"Subject: one", b"Subject: two"]
-    finally:
-        recorder.stop()
+def test_kept_session_refusing_rset_is_replaced(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
+    upstream = make_upstream({"RSET": b"421 4.4.2 idle too long\r\n"})
+    proxy = make_proxy(pooled(upstream))
+    for subject in ("one", "two"):
+        transaction(proxy, subject)
+    assert len(upstream.sessions) == 2
+    assert [b.split(b"\r\n")[0] for b in upstream.bodies] == [b"Subject: one", b"Subject: two"]
 
 
-def test_a_client_holds_no_upstream_session_between_messages(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+def test_a_client_holds_no_upstream_session_between_messages(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
     """The session goes back to the pool at the upstream's verdict: a second client, while the first
     is still connected, gets it (and the first one's next message gets it back)."""
-    proxy = make_proxy(pooled_recorder(recorder))
+    proxy = make_proxy(pooled(upstream))
     first, second = logged_in(proxy), logged_in(proxy)
     for raw in (first, second, first):
         send_one(raw)
-    assert len(recorder.sessions) == 1 and len(recorder.bodies) == 3
+    assert len(upstream.sessions) == 1 and len(upstream.bodies) == 3
     first.close()
     second.close()
 
 
-def test_a_clients_next_message_takes_its_own_session_back_without_rset(make_proxy: ProxyFactory, recorder: Recorder) -> None:
-    proxy = make_proxy(pooled_recorder(recorder))
+def test_a_clients_next_message_takes_its_own_session_back_without_rset(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    proxy = make_proxy(pooled(upstream))
     raw = logged_in(proxy)
     for _ in range(2):
         send_one(raw)
     raw.close()
-    commands = [c.split(b" ")[0].split(b":")[0] for c in recorder.commands]
+    commands = [c.split(b" ")[0].split(b":")[0] for c in upstream.commands]
     assert commands == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA"]
 
 
-def test_connected_clients_keep_their_sessions_beyond_pool_size(make_proxy: ProxyFactory, recorder: Recorder) -> None:
+def test_connected_clients_keep_their_sessions_beyond_pool_size(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
     """pool_size (2 here) bounds the sessions kept for whoever comes next; each connected client's
     session waits for its next message, then the extra ones close once their clients are gone."""
-    proxy = make_proxy(pooled_recorder(recorder))
+    proxy = make_proxy(pooled(upstream))
     clients = [logged_in(proxy) for _ in range(3)]
     # Three transactions at once need three sessions.
     for raw in clients:
@@ -142,73 +136,66 @@ def test_connected_clients_keep_their_sessions_beyond_pool_size(make_proxy: Prox
         assert raw.command(b"Subject: x\r\n\r\nhi\r\n.") == b"250 2.0.0 Ok: queued as REC1\r\n"
     for raw in clients:
         send_one(raw)
-    assert len(recorder.sessions) == 3 and recorder.closed == 0
-    assert b"RSET" not in recorder.data
+    assert len(upstream.sessions) == 3 and upstream.closed == 0
+    assert b"RSET" not in upstream.data
     for raw in clients:
         raw.command(b"QUIT")
         raw.close()
-    wait_for(lambda: recorder.closed == 1)
-    assert bytes(recorder.sessions[0]).endswith(b"QUIT\r\n")
+    wait_for(lambda: upstream.closed == 1)
+    assert bytes(upstream.sessions[0]).endswith(b"QUIT\r\n")
 
 
-def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, pki: PKI) -> None:
-    recorder = Recorder({"RSET": "DROP"})
-    try:
-        proxy = make_proxy(pooled_recorder(recorder))
-        for _ in range(2):
-            transaction(proxy)
-        assert len(recorder.sessions) == 2
-    finally:
-        recorder.stop()
+def test_dead_kept_session_is_replaced(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
+    upstream = make_upstream({"RSET": DROP})
+    proxy = make_proxy(pooled(upstream))
+    for _ in range(2):
+        transaction(proxy)
+    assert len(upstream.sessions) == 2
 
 
-def test_session_that_errored_is_never_reused(make_proxy: ProxyFactory, recorder: Recorder) -> None:
-    proxy = make_proxy(pooled_recorder(recorder))
+def test_session_that_errored_is_never_reused(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    proxy = make_proxy(pooled(upstream))
     raw = logged_in(proxy)
     raw.command(b"MAIL FROM:<app1@example.org>")
     raw.command(b"RCPT TO:<bob@example.net>")
     raw.command(b"DATA")
     raw.send(b"Subject: cut\r\n\r\nhalf a bo")
     raw.close()
-    wait_for(lambda: recorder.closed == 1)
+    wait_for(lambda: upstream.closed == 1)
     raw = logged_in(proxy)
     assert raw.command(b"MAIL FROM:<app1@example.org>").startswith(b"250")
     raw.close()
-    wait_for(lambda: len(recorder.sessions) == 2)
-    assert b"\r\n.\r\n" not in bytes(recorder.sessions[0])
+    wait_for(lambda: len(upstream.sessions) == 2)
+    assert b"\r\n.\r\n" not in bytes(upstream.sessions[0])
 
 
-def test_idle_sessions_are_closed(make_proxy: ProxyFactory, recorder: Recorder) -> None:
-    proxy = make_proxy(pooled_recorder(recorder, "pool_idle_timeout = 0.2\n"))
+def test_idle_sessions_are_closed(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    proxy = make_proxy(pooled(upstream, "pool_idle_timeout = 0.2\n"))
     raw = logged_in(proxy)
     raw.command(b"MAIL FROM:<app1@example.org>")
     raw.command(b"RSET")
     raw.command(b"QUIT")
     raw.close()
-    wait_for(lambda: recorder.closed == 1)
-    assert bytes(recorder.sessions[0]).endswith(b"RSET\r\nQUIT\r\n")
+    wait_for(lambda: upstream.closed == 1)
+    assert bytes(upstream.sessions[0]).endswith(b"RSET\r\nQUIT\r\n")
 
 
-def test_kept_session_over_its_message_limit_is_replaced(make_proxy: ProxyFactory) -> None:
+def test_kept_session_over_its_message_limit_is_replaced(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
     # Providers cap messages per connection and answer the next MAIL with 421.
-    recorder = Recorder({"MAIL": ["250 2.1.0 OK", "421 4.7.0 Too many messages on this connection", "250 2.1.0 OK"]})
-    try:
-        proxy = make_proxy(pooled_recorder(recorder))
-        for _ in range(2):
-            transaction(proxy, mail_reply=b"250 2.1.0 OK\r\n")
-        assert len(recorder.sessions) == 2
-    finally:
-        recorder.stop()
+    upstream = make_upstream(
+        {"MAIL": [b"250 2.1.0 OK\r\n", b"421 4.7.0 Too many messages on this connection\r\n", b"250 2.1.0 OK\r\n"]}
+    )
+    proxy = make_proxy(pooled(upstream))
+    for _ in range(2):
+        transaction(proxy, mail_reply=b"250 2.1.0 OK\r\n")
+    assert len(upstream.sessions) == 2
 
 
-def test_session_with_a_stray_partial_reply_is_not_reused(make_proxy: ProxyFactory) -> None:
+def test_session_with_a_stray_partial_reply_is_not_reused(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
     # A continuation line nobody asked for would merge into the next reply: the session is dropped.
-    recorder = Recorder({"DATA-END": "250 2.0.0 Ok: queued as REC1\r\n250-stray continuation"})
-    try:
-        proxy = make_proxy(pooled_recorder(recorder))
-        for _ in range(2):
-            transaction(proxy)
-        assert len(recorder.sessions) == 2
-        assert b"RSET" not in bytes(recorder.sessions[0])
-    finally:
-        recorder.stop()
+    upstream = make_upstream({"DATA-END": b"250 2.0.0 Ok: queued as REC1\r\n250-stray continuation\r\n"})
+    proxy = make_proxy(pooled(upstream))
+    for _ in range(2):
+        transaction(proxy)
+    assert len(upstream.sessions) == 2
+    assert b"RSET" not in bytes(upstream.sessions[0])

@@ -18,15 +18,12 @@ from harness import (
     CLIENT_USER,
     PKI,
     Proxy,
-    RawClient,
-    Recorder,
     Smarthost,
-    auth_plain_line,
     free_port,
-    recorder_upstream,
     wait_for,
     wait_listening,
 )
+from peers import Client, ScriptedUpstream, auth_plain
 
 MESSAGE = (
     b"From: app1@example.org\r\nTo: bob@example.net\r\nSubject: hello\r\n\r\n"
@@ -48,7 +45,7 @@ def message(subject: str, body: bytes = b"hello\r\n") -> bytes:
 
 
 def stuffed(body: bytes) -> bytes:
-    """The client's dot-stuffing (RFC 5321 4.5.2) for bodies sent with RawClient."""
+    """The client's dot-stuffing (RFC 5321 4.5.2) for bodies sent with peers.Client."""
     return re.sub(rb"(?m)^\.", b"..", body)
 
 
@@ -142,12 +139,12 @@ def test_rset_then_new_transaction(proxy: Proxy, pki: PKI, smarthost: Smarthost)
 
 def test_pipelined_transaction_replies_in_order(proxy: Proxy, pki: PKI, smarthost: Smarthost) -> None:
     smarthost.rcpt_replies["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: Recipient address rejected"
-    raw = RawClient(proxy.tls_port, pki.client_context())
+    raw = Client(proxy.tls_port, tls=pki.client_context())
     try:
-        assert raw.reply().startswith(b"220 ")
+        assert raw.greeting.startswith(b"220 ")
         ehlo = raw.command(b"EHLO pipeliner.example")
         assert b"250-PIPELINING\r\n" in ehlo
-        assert raw.command(auth_plain_line()) == b"235 2.7.0 Authentication successful\r\n"
+        assert raw.command(auth_plain()) == b"235 2.7.0 Authentication successful\r\n"
         raw.send(
             b"MAIL FROM:<app1@example.org>\r\n"
             b"RCPT TO:<bob@example.net>\r\n"
@@ -209,16 +206,16 @@ def test_swaks(proxy: Proxy, smarthost: Smarthost, options: list[str]) -> None:
 # -- 12. line ends inside the body --------------------------------------------------------------
 
 
-def recorder_session(proxy: Proxy) -> RawClient:
+def plain_session(proxy: Proxy) -> Client:
     """Greeted, EHLO'd and authenticated on the loopback plaintext listener."""
-    raw = RawClient(proxy.plain_port)
-    assert raw.reply().startswith(b"220 ")
+    raw = Client(proxy.plain_port)
+    assert raw.greeting.startswith(b"220 ")
     assert raw.command(b"EHLO client.example").startswith(b"250-relay.test\r\n")
-    assert raw.command(auth_plain_line()) == b"235 2.7.0 Authentication successful\r\n"
+    assert raw.command(auth_plain()) == b"235 2.7.0 Authentication successful\r\n"
     return raw
 
 
-def send_body(raw: RawClient, body: bytes) -> bytes:
+def send_body(raw: Client, body: bytes) -> bytes:
     assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
     assert raw.command(b"RCPT TO:<bob@example.net>") == b"250 2.0.0 OK\r\n"
     assert raw.command(b"DATA") == b"354 go ahead\r\n"
@@ -244,35 +241,35 @@ def send_body(raw: RawClient, body: bytes) -> bytes:
     ids=["bare-cr-lf", "doubled", "lf-dot-lf", "cr-dot-cr", "lf-dot-crlf", "crlf-dot-lf", "cr-dot-crlf", "stuffed"],
 )
 def test_body_line_ends_normalised_and_dots_stuffed(
-    recorder_proxy: Proxy, recorder: Recorder, body: bytes, forwarded: bytes
+    upstream_proxy: Proxy, upstream: ScriptedUpstream, body: bytes, forwarded: bytes
 ) -> None:
-    raw = recorder_session(recorder_proxy)
+    raw = plain_session(upstream_proxy)
     try:
         assert send_body(raw, body) == b"250 2.0.0 Ok: queued as REC1\r\n"
         assert raw.command(b"QUIT").startswith(b"221 ")
     finally:
         raw.close()
-    assert recorder.bodies == [forwarded]
-    assert [c for c in recorder.commands if c.upper().startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
-    assert [c for c in recorder.commands if c.upper().startswith(b"RCPT")] == [b"RCPT TO:<bob@example.net>"]
-    assert recorder.data.count(b"\r\n.\r\n") == 1
+    assert upstream.bodies == [forwarded]
+    assert [c for c in upstream.commands if c.upper().startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
+    assert [c for c in upstream.commands if c.upper().startswith(b"RCPT")] == [b"RCPT TO:<bob@example.net>"]
+    assert upstream.data.count(b"\r\n.\r\n") == 1
 
 
 # -- STARTTLS forgets what came before ----------------------------------------------------------
 
 
-def test_starttls_forgets_authentication(make_proxy: ProxyFactory, recorder: Recorder, pki: PKI) -> None:
+def test_starttls_forgets_authentication(make_proxy: ProxyFactory, upstream: ScriptedUpstream, pki: PKI) -> None:
     port = free_port()
     make_proxy(
-        recorder_upstream(recorder),
+        upstream.toml(),
         extra=f'[[listener]]\nendpoint = "tcp:{port}:interface=127.0.0.1"\ntls = "starttls"\nallow_plaintext_auth = true\n',
     )
     wait_listening(port)
-    raw = RawClient(port)
+    raw = Client(port)
     try:
-        assert raw.reply().startswith(b"220 ")
+        assert raw.greeting.startswith(b"220 ")
         assert b"250 AUTH PLAIN LOGIN\r\n" in raw.command(b"EHLO x")
-        assert raw.command(auth_plain_line()) == b"235 2.7.0 Authentication successful\r\n"
+        assert raw.command(auth_plain()) == b"235 2.7.0 Authentication successful\r\n"
         # The MAIL is plaintext that arrived with STARTTLS: it must be dropped, not run after TLS
         # with the login that came before TLS.
         raw.send(b"STARTTLS\r\nMAIL FROM:<app1@example.org>\r\n")
@@ -283,9 +280,9 @@ def test_starttls_forgets_authentication(make_proxy: ProxyFactory, recorder: Rec
         assert b"AUTH PLAIN LOGIN" in ehlo
         assert b"STARTTLS" not in ehlo
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"530 5.7.0 Authentication required\r\n"
-        assert raw.command(auth_plain_line()) == b"235 2.7.0 Authentication successful\r\n"
+        assert raw.command(auth_plain()) == b"235 2.7.0 Authentication successful\r\n"
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
     finally:
         raw.close()
-    wait_for(lambda: recorder.closed == len(recorder.sessions) == 1)
-    assert [c for c in recorder.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
+    wait_for(lambda: upstream.closed == len(upstream.sessions) == 1)
+    assert [c for c in upstream.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]

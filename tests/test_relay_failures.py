@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import base64
 import smtplib
-from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import ProxyFactory, SmarthostFactory
+from conftest import ProxyFactory, SmarthostFactory, UpstreamFactory
 from harness import (
     CLIENT_PASSWORD,
     CLIENT_USER,
@@ -20,15 +19,12 @@ from harness import (
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,
     Proxy,
-    RawClient,
-    Recorder,
     Smarthost,
-    auth_plain_line,
     free_port,
-    recorder_upstream,
     smarthost_upstream,
     wait_for,
 )
+from peers import DROP, Action, Client, ScriptedUpstream, auth_plain
 
 MESSAGE = b"From: app1@example.org\r\nTo: bob@example.net\r\nSubject: hello\r\n\r\nhello\r\n"
 
@@ -62,34 +58,34 @@ password_env = "RELAYPROXY_TEST_UPSTREAM_PASSWORD"
 """
 
 
-def tls_session(proxy: Proxy, pki: PKI) -> RawClient:
+def tls_session(proxy: Proxy, pki: PKI) -> Client:
     """Greeted, EHLO'd and authenticated on the implicit TLS listener."""
-    raw = RawClient(proxy.tls_port, pki.client_context())
-    assert raw.reply() == b"220 relay.test ESMTP relayproxy\r\n"
+    raw = Client(proxy.tls_port, tls=pki.client_context())
+    assert raw.greeting == b"220 relay.test ESMTP relayproxy\r\n"
     assert raw.command(b"EHLO client.example").startswith(b"250-relay.test\r\n")
-    assert raw.command(auth_plain_line()) == b"235 2.7.0 Authentication successful\r\n"
+    assert raw.command(auth_plain()) == b"235 2.7.0 Authentication successful\r\n"
     return raw
 
 
-def recorder_session(proxy: Proxy) -> RawClient:
-    """Greeted, EHLO'd and authenticated on the loopback plaintext listener (recorder upstream)."""
-    raw = RawClient(proxy.plain_port)
-    assert raw.reply() == b"220 relay.test ESMTP relayproxy\r\n"
+def plain_session(proxy: Proxy) -> Client:
+    """Greeted, EHLO'd and authenticated on the loopback plaintext listener (scripted upstream)."""
+    raw = Client(proxy.plain_port)
+    assert raw.greeting == b"220 relay.test ESMTP relayproxy\r\n"
     assert raw.command(b"EHLO client.example").startswith(b"250-relay.test\r\n")
-    assert raw.command(auth_plain_line()) == b"235 2.7.0 Authentication successful\r\n"
+    assert raw.command(auth_plain()) == b"235 2.7.0 Authentication successful\r\n"
     return raw
 
 
-def start_transaction(raw: RawClient) -> None:
+def start_transaction(raw: Client) -> None:
     assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
     assert raw.command(b"RCPT TO:<bob@example.net>") == b"250 2.0.0 OK\r\n"
     assert raw.command(b"DATA") == b"354 go ahead\r\n"
 
 
-def after_data(recorder: Recorder) -> bytes:
-    """What the recorder received after the DATA command of its first session."""
-    head, sep, tail = bytes(recorder.sessions[0]).partition(b"\r\nDATA\r\n")
-    assert sep, f"no DATA reached the recorder: {head!r}"
+def after_data(upstream: ScriptedUpstream) -> bytes:
+    """What the upstream received after the DATA command of its first session."""
+    head, sep, tail = bytes(upstream.sessions[0]).partition(b"\r\nDATA\r\n")
+    assert sep, f"no DATA reached the upstream: {head!r}"
     return tail
 
 
@@ -315,21 +311,21 @@ def test_upstream_failure_with_smtplib(make_proxy: ProxyFactory, pki: PKI) -> No
     [b"half a bo", b"whole line\r\n", b"last line\r\n.", b"last line\r\n.\r"],
     ids=["mid-line", "after-crlf", "after-dot", "after-dot-cr"],
 )
-def test_client_drops_mid_data(recorder_proxy: Proxy, recorder: Recorder, tail: bytes) -> None:
-    raw = recorder_session(recorder_proxy)
+def test_client_drops_mid_data(upstream_proxy: Proxy, upstream: ScriptedUpstream, tail: bytes) -> None:
+    raw = plain_session(upstream_proxy)
     start_transaction(raw)
     raw.send(b"Subject: partial\r\n\r\nfirst line\r\n")
-    wait_for(lambda: b"first line" in recorder.data)
+    wait_for(lambda: b"first line" in upstream.data)
     raw.send(tail)
     raw.close()
-    wait_for(lambda: recorder.closed == 1)
-    forwarded = after_data(recorder)
+    wait_for(lambda: upstream.closed == 1)
+    forwarded = after_data(upstream)
     assert forwarded.startswith(b"Subject: partial\r\n\r\nfirst line")
     # Never an end of data, nor anything after the partial body (no QUIT, no RSET).
     assert b"\r\n.\r\n" not in forwarded
     assert b"QUIT" not in forwarded and b"RSET" not in forwarded
     assert len(forwarded) <= len(b"Subject: partial\r\n\r\nfirst line\r\n" + tail)
-    assert recorder.bodies == []
+    assert upstream.bodies == []
 
 
 def test_client_drops_mid_data_smarthost_gets_nothing(proxy: Proxy, pki: PKI, smarthost: Smarthost) -> None:
@@ -356,9 +352,9 @@ def test_client_drops_mid_data_smarthost_gets_nothing(proxy: Proxy, pki: PKI, sm
 
 
 def test_starttls_drops_pipelined_plaintext(proxy: Proxy, pki: PKI, smarthost: Smarthost) -> None:
-    raw = RawClient(proxy.port)
+    raw = Client(proxy.port)
     try:
-        assert raw.reply() == b"220 relay.test ESMTP relayproxy\r\n"
+        assert raw.greeting == b"220 relay.test ESMTP relayproxy\r\n"
         ehlo = raw.command(b"EHLO x")
         assert b"STARTTLS" in ehlo and b"AUTH" not in ehlo
         raw.send(b"STARTTLS\r\nMAIL FROM:<a@b.example>\r\n")
@@ -378,15 +374,15 @@ def test_starttls_drops_pipelined_plaintext(proxy: Proxy, pki: PKI, smarthost: S
 
 
 def test_starttls_drops_pipelined_plaintext_then_real_mail(proxy: Proxy, pki: PKI, smarthost: Smarthost) -> None:
-    raw = RawClient(proxy.port)
+    raw = Client(proxy.port)
     try:
-        assert raw.reply().startswith(b"220 ")
+        assert raw.greeting.startswith(b"220 ")
         raw.command(b"EHLO x")
         raw.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<injected@evil.example>\r\nRCPT TO:<victim@example.net>\r\n")
         assert raw.reply() == b"220 2.0.0 Ready to start TLS\r\n"
         raw.starttls(pki.client_context())
         assert raw.command(b"EHLO x").startswith(b"250-relay.test\r\n")
-        assert raw.command(auth_plain_line()) == b"235 2.7.0 Authentication successful\r\n"
+        assert raw.command(auth_plain()) == b"235 2.7.0 Authentication successful\r\n"
         # Had the injected MAIL survived, this would be 503 Sender already specified.
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.1.0 OK\r\n"
         assert raw.command(b"RCPT TO:<bob@example.net>") == b"250 2.1.5 OK\r\n"
@@ -401,8 +397,8 @@ def test_starttls_drops_pipelined_plaintext_then_real_mail(proxy: Proxy, pki: PK
 # -- 10. line limits ----------------------------------------------------------------------------
 
 
-def test_command_line_limit(recorder_proxy: Proxy, recorder: Recorder) -> None:
-    raw = recorder_session(recorder_proxy)
+def test_command_line_limit(upstream_proxy: Proxy, upstream: ScriptedUpstream) -> None:
+    raw = plain_session(upstream_proxy)
     try:
         # 512 octets with the CRLF is the limit (RFC 5321 4.5.3.1.4).
         assert raw.command(b"NOOP " + b"x" * 505 + b"\r\n") == b"250 2.0.0 OK\r\n"
@@ -423,55 +419,55 @@ def test_command_line_limit(recorder_proxy: Proxy, recorder: Recorder) -> None:
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
     finally:
         raw.close()
-    assert [c for c in recorder.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
+    assert [c for c in upstream.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-packet", "split"])
-def test_body_line_too_long(recorder_proxy: Proxy, recorder: Recorder, split: bool) -> None:
-    raw = recorder_session(recorder_proxy)
+def test_body_line_too_long(upstream_proxy: Proxy, upstream: ScriptedUpstream, split: bool) -> None:
+    raw = plain_session(upstream_proxy)
     try:
         start_transaction(raw)
         long_line = b"x" * 999 + b"\r\n"  # 1001 octets with the CRLF
         if split:
             raw.send(b"Subject: long\r\n\r\n" + long_line[:500])
-            wait_for(lambda: b"xxxx" in recorder.data)
+            wait_for(lambda: b"xxxx" in upstream.data)
             raw.send(long_line[500:])
         else:
             raw.send(b"Subject: long\r\n\r\n" + long_line)
         raw.send(b"MAIL FROM:<x@y.example>\r\nRCPT TO:<z@y.example>\r\nDATA\r\nmore\r\n.\r\nNOOP\r\n")
         assert raw.reply() == b"554 5.6.0 Message refused: a line is longer than 1000 octets\r\n"
         assert raw.reply() == b"250 2.0.0 OK\r\n"
-        wait_for(lambda: recorder.closed == 1)
-        forwarded = after_data(recorder)
+        wait_for(lambda: upstream.closed == 1)
+        forwarded = after_data(upstream)
         assert b"\r\n.\r\n" not in forwarded
-        assert b"MAIL FROM:<x@y.example>" not in recorder.data
-        assert recorder.bodies == []
-        assert [c for c in recorder.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
+        assert b"MAIL FROM:<x@y.example>" not in upstream.data
+        assert upstream.bodies == []
+        assert [c for c in upstream.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
         # The client may try again with a good message, on a fresh upstream session.
         start_transaction(raw)
         assert raw.command(b"Subject: ok\r\n\r\n" + b"x" * 998 + b"\r\n.\r\n") == b"250 2.0.0 Ok: queued as REC1\r\n"
     finally:
         raw.close()
-    assert recorder.bodies == [b"Subject: ok\r\n\r\n" + b"x" * 998 + b"\r\n"]
+    assert upstream.bodies == [b"Subject: ok\r\n\r\n" + b"x" * 998 + b"\r\n"]
 
 
 # -- 11. bare line ends in commands -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("line_end", [b"\n", b"\r"], ids=["bare-lf", "bare-cr"])
-def test_bare_line_end_in_command(recorder_proxy: Proxy, recorder: Recorder, line_end: bytes) -> None:
-    raw = recorder_session(recorder_proxy)
+def test_bare_line_end_in_command(upstream_proxy: Proxy, upstream: ScriptedUpstream, line_end: bytes) -> None:
+    raw = plain_session(upstream_proxy)
     try:
         raw.send(b"MAIL FROM:<a@b.example>" + line_end + b"RCPT TO:<x@y.example>\r\n")
         assert raw.reply() == b"501 5.5.2 Syntax error: bare CR or LF in command\r\n"
         assert raw.command(b"NOOP") == b"250 2.0.0 OK\r\n"
     finally:
         raw.close()
-    assert [c for c in recorder.commands if not c.startswith(b"EHLO")] == []
+    assert [c for c in upstream.commands if not c.startswith(b"EHLO")] == []
 
 
-def test_bare_line_end_in_command_mid_transaction(recorder_proxy: Proxy, recorder: Recorder) -> None:
-    raw = recorder_session(recorder_proxy)
+def test_bare_line_end_in_command_mid_transaction(upstream_proxy: Proxy, upstream: ScriptedUpstream) -> None:
+    raw = plain_session(upstream_proxy)
     try:
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
         raw.send(b"RCPT TO:<bob@example.net>\nRCPT TO:<evil@example.com>\r\n")
@@ -479,29 +475,20 @@ def test_bare_line_end_in_command_mid_transaction(recorder_proxy: Proxy, recorde
         assert raw.command(b"DATA") == b"503 5.5.1 Need RCPT before DATA\r\n"
     finally:
         raw.close()
-    assert [c for c in recorder.commands if c.startswith(b"RCPT")] == []
+    assert [c for c in upstream.commands if c.startswith(b"RCPT")] == []
 
 
 # -- the upstream fails mid-transaction ---------------------------------------------------------
 
 
-@pytest.fixture
-def scripted(make_proxy: ProxyFactory) -> Iterator[Callable[[dict[str, str]], tuple[Proxy, Recorder]]]:
-    recorders: list[Recorder] = []
-
-    def make(script: dict[str, str]) -> tuple[Proxy, Recorder]:
-        recorder = Recorder(script)
-        recorders.append(recorder)
-        return make_proxy(recorder_upstream(recorder)), recorder
-
-    yield make
-    for recorder in recorders:
-        recorder.stop()
+def scripted(make_proxy: ProxyFactory, make_upstream: UpstreamFactory, script: dict[str, Action]) -> tuple[Proxy, ScriptedUpstream]:
+    upstream = make_upstream(script)
+    return make_proxy(upstream.toml()), upstream
 
 
-def test_upstream_drops_at_rcpt(scripted: Callable[[dict[str, str]], tuple[Proxy, Recorder]]) -> None:
-    proxy, recorder = scripted({"RCPT": "DROP"})
-    raw = recorder_session(proxy)
+def test_upstream_drops_at_rcpt(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
+    proxy, upstream = scripted(make_proxy, make_upstream, {"RCPT": DROP})
+    raw = plain_session(proxy)
     try:
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
         assert raw.command(b"RCPT TO:<bob@example.net>") == b"451 4.4.2 Upstream connection lost, try again later\r\n"
@@ -512,12 +499,12 @@ def test_upstream_drops_at_rcpt(scripted: Callable[[dict[str, str]], tuple[Proxy
         assert raw.command(b"MAIL FROM:<app1@example.org>") == b"250 2.0.0 OK\r\n"
     finally:
         raw.close()
-    wait_for(lambda: len(recorder.sessions) == 2)
+    wait_for(lambda: len(upstream.sessions) == 2)
 
 
-def test_upstream_drops_at_end_of_data(scripted: Callable[[dict[str, str]], tuple[Proxy, Recorder]]) -> None:
-    proxy, recorder = scripted({"DATA-END": "DROP"})
-    raw = recorder_session(proxy)
+def test_upstream_drops_at_end_of_data(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
+    proxy, upstream = scripted(make_proxy, make_upstream, {"DATA-END": DROP})
+    raw = plain_session(proxy)
     try:
         start_transaction(raw)
         assert raw.command(MESSAGE + b".\r\n") == b"451 4.4.2 Upstream connection lost, try again later\r\n"
@@ -526,9 +513,9 @@ def test_upstream_drops_at_end_of_data(scripted: Callable[[dict[str, str]], tupl
         raw.close()
 
 
-def test_8bitmime_refused_when_upstream_lacks_it(scripted: Callable[[dict[str, str]], tuple[Proxy, Recorder]]) -> None:
-    proxy, recorder = scripted({"EHLO": "250-recorder\r\n250 PIPELINING"})
-    raw = recorder_session(proxy)
+def test_8bitmime_refused_when_upstream_lacks_it(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
+    proxy, upstream = scripted(make_proxy, make_upstream, {"EHLO": b"250-scripted.test\r\n250 PIPELINING\r\n"})
+    raw = plain_session(proxy)
     try:
         assert raw.command(b"MAIL FROM:<app1@example.org> BODY=8BITMIME") == (
             b"554 5.6.3 The upstream does not accept 8-bit content (BODY=8BITMIME)\r\n"
@@ -537,11 +524,11 @@ def test_8bitmime_refused_when_upstream_lacks_it(scripted: Callable[[dict[str, s
     finally:
         raw.close()
     # SIZE is not offered by this upstream either, so nothing but the address goes on.
-    assert [c for c in recorder.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
+    assert [c for c in upstream.commands if c.startswith(b"MAIL")] == [b"MAIL FROM:<app1@example.org>"]
 
 
-def test_mail_parameters_forwarded(recorder_proxy: Proxy, recorder: Recorder) -> None:
-    raw = recorder_session(recorder_proxy)
+def test_mail_parameters_forwarded(upstream_proxy: Proxy, upstream: ScriptedUpstream) -> None:
+    raw = plain_session(upstream_proxy)
     try:
         # AUTH= names the client's identity: the upstream must only ever see the relay's.
         assert raw.command(b"MAIL FROM:<app1@example.org> SIZE=1234 BODY=8BITMIME AUTH=<evil@example.com>") == (
@@ -556,7 +543,7 @@ def test_mail_parameters_forwarded(recorder_proxy: Proxy, recorder: Recorder) ->
         )
     finally:
         raw.close()
-    wait_for(lambda: recorder.closed == 1)
-    assert [c for c in recorder.commands if c.startswith(b"MAIL")] == [
+    wait_for(lambda: upstream.closed == 1)
+    assert [c for c in upstream.commands if c.startswith(b"MAIL")] == [
         b"MAIL FROM:<app1@example.org> SIZE=1234 BODY=8BITMIME"
     ]

@@ -18,7 +18,6 @@ from harness import (
     CLIENT_USER,
     PKI,
     Proxy,
-    RawClient,
     Smarthost,
     reactor,
     _listening,
@@ -29,6 +28,7 @@ from harness import (
     wait_for,
     write_config,
 )
+from peers import Client
 from test_twistd import environment, twistd
 from twisted.internet.threads import blockingCallFromThread
 
@@ -162,16 +162,12 @@ def written_listener(port: int, tls: str) -> str:
 
 
 def greeting(port: int, pki: PKI | None = None) -> bytes:
-    client = RawClient(port, pki.client_context() if pki else None)
-    try:
-        return client.reply()
-    finally:
-        client.close()
+    with Client(port, tls=pki.client_context() if pki else None) as client:
+        return client.greeting
 
 
 def test_reload_adds_and_removes_listeners(proxy: Proxy, pki: PKI, events: list[dict[str, Any]]) -> None:
-    on_removed = RawClient(proxy.plain_port)
-    on_removed.reply()
+    on_removed = Client(proxy.plain_port)
     new_port = free_port()
     new_endpoint = f"tcp:{new_port}:interface=127.0.0.1"
     text = proxy.config_path.read_text()

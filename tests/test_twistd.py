@@ -21,17 +21,14 @@ from harness import (
     CLIENT_USER,
     PKI,
     UPSTREAM_PASSWORD,
-    RawClient,
-    Recorder,
     Smarthost,
     _listening,
-    auth_plain_line,
     free_port,
-    recorder_upstream,
     smarthost_upstream,
     wait_for,
     write_config,
 )
+from peers import Client, ScriptedUpstream, auth_plain
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,11 +100,11 @@ def test_broken_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     ],
 )
 def test_a_listener_that_cannot_bind_stops_start_up_with_one_line(
-    tmp_path: Path, pki: PKI, recorder: Recorder, interface: str, error: int
+    tmp_path: Path, pki: PKI, upstream: ScriptedUpstream, interface: str, error: int
 ) -> None:
     port = free_port()
     endpoint = f"tcp:{port}:interface={interface}"
-    path, _ = write_config(tmp_path, pki, recorder_upstream(recorder), extra=f'[[listener]]\nendpoint = "{endpoint}"\ntls = "starttls"\n')
+    path, _ = write_config(tmp_path, pki, upstream.toml(), extra=f'[[listener]]\nendpoint = "{endpoint}"\ntls = "starttls"\n')
     log = tmp_path / "twistd.log"
     # Held in both cases; only the first listener asks for its address.
     with socket.create_server(("127.0.0.1", port)):
@@ -164,13 +161,12 @@ def test_a_user_name_with_a_line_break_is_logged_on_one_line(
     """A user name ending in a newline, or a command word with a bare CR, must not end the log line:
     the rest would be a forged line."""
     port, _ = twistd_proxy
-    client = RawClient(port)
-    client.reply()
+    client = Client(port)
     client.command(b"EHLO client.test")
     client.command(b"STARTTLS")
     client.starttls(pki.client_context())
     client.command(b"EHLO client.test")
-    assert client.command(auth_plain_line("alice\n", "not-the-password")).startswith(b"535 5.7.8")
+    assert client.command(auth_plain("alice\n", "not-the-password")).startswith(b"535 5.7.8")
     assert client.command(b"NOOP\rX forged=yes").startswith(b"501 5.5.2")
     client.close()
     log = tmp_path / "twistd.log"
