@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from relayproxy.config import Config
-from relayproxy.credentials import read_users_file
+from relayproxy.usersfile import read_users_file
 from relayproxy.errors import UpstreamError
 from relayproxy.explain import upstream_failure_hint
 from relayproxy.upstream.connector import Connector

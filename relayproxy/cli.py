@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from relayproxy.config import DEFAULT_PATH, load_config
-from relayproxy.credentials import (
+from relayproxy.usersfile import (
     DEFAULT_ROUNDS,
     UsersFileError,
     check_password,

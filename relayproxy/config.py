@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
-from relayproxy.credentials import UsersFileError, read_users_file
+from relayproxy.usersfile import UsersFileError, read_users_file
 from relayproxy.errors import ConfigError
 from relayproxy.redis import parse_redis_url
 

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from relayproxy.credentials import hash_password, write_users_file
+from relayproxy.usersfile import hash_password, write_users_file
 
 DEMO_USER = "demo"
 _UPSTREAM_USER = "relay@smarthost.test"

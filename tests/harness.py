@@ -1,19 +1,19 @@
-"""Real parts for end-to-end tests: certificates, an aiosmtpd smarthost, a byte recorder, the proxy.
+"""Real parts for end-to-end tests: certificates, an aiosmtpd smarthost, the proxy.
 
 The Twisted reactor runs in one background thread for the whole test session; tests are plain
-synchronous code that talks to it over real sockets (smtplib, raw sockets, swaks).
+synchronous code that talks to it over real sockets (smtplib, swaks, and the scripted peers of
+peers.py: a raw client and a scripted upstream).
 """
 
 from __future__ import annotations
 
-import base64
 import random
 import smtplib
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.threads import blockingCallFromThread
 
 from relayproxy.config import Config, load_config
-from relayproxy.credentials import hash_password, write_users_file
+from relayproxy.usersfile import hash_password, write_users_file
 from relayproxy.tap import build_service
 
 reactor: Any = _reactor
@@ -215,111 +215,6 @@ class Smarthost:
         self._controller.stop()
 
 
-class Recorder:
-    """A plaintext upstream that records every byte and answers from a script.
-
-    ``script`` maps a command verb (or "DATA-END") to a reply line, or to "DROP" to close the
-    connection at that point; anything else gets a plausible positive reply.
-    """
-
-    def __init__(self, script: dict[str, Any] | None = None, greeting: bytes = b"220 recorder ESMTP\r\n") -> None:
-        self.script = script or {}
-        self.greeting = greeting
-        self.sessions: list[bytearray] = []
-        self.commands: list[bytes] = []
-        """Every command line read outside DATA, across sessions, without its CRLF."""
-        self.bodies: list[bytes] = []
-        """Every complete body, as received (dot-stuffed, up to and including the CRLF before the final dot)."""
-        self.closed = 0
-        """How many sessions have ended (either side closed)."""
-        self.chunks: list[bytes] = []
-        """Every read, as it came: what the proxy sent in one write arrives together."""
-        self.port = free_port()
-        self._sock = socket.create_server(("127.0.0.1", self.port))
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(bytes(s) for s in self.sessions)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
-
-    def _session(self, conn: socket.socket) -> None:
-        try:
-            self._converse(conn)
-        finally:
-            self.closed += 1
-
-    def _converse(self, conn: socket.socket) -> None:
-        record = bytearray()
-        self.sessions.append(record)
-        buf = b""
-        in_data = False
-        with conn:
-            try:
-                if self.greeting == b"DROP":
-                    return
-                conn.sendall(self.greeting)
-                while True:
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    record += chunk
-                    self.chunks.append(chunk)
-                    buf += chunk
-                    while True:
-                        if in_data:
-                            end = buf.find(b"\r\n.\r\n")
-                            if end < 0:
-                                if "BODY" in self.script and len(buf) > 10:
-                                    if self._answer(conn, "BODY") == "DROP":
-                                        return
-                                break
-                            self.bodies.append(buf[: end + 2])
-                            buf = buf[end + 5 :]
-                            in_data = False
-                            if self._answer(conn, "DATA-END", "250 2.0.0 Ok: queued as REC1") == "DROP":
-                                return
-                            continue
-                        end = buf.find(b"\r\n")
-                        if end < 0:
-                            break
-                        line, buf = buf[:end], buf[end + 2 :]
-                        self.commands.append(line)
-                        verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
-                        default = {
-                            "EHLO": "250-recorder\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000",
-                            "DATA": "354 go ahead",
-                            "QUIT": "221 bye",
-                        }.get(verb, "250 2.0.0 OK")
-                        if self._answer(conn, verb, default) == "DROP":
-                            return
-                        if verb == "DATA" and self.script.get("DATA", "354").startswith("354"):
-                            in_data = True
-                        if verb == "QUIT":
-                            return
-            except OSError:
-                return
-
-    def _answer(self, conn: socket.socket, key: str, default: str = "") -> str:
-        scripted = self.script.get(key, default)
-        # A list is a queue of answers, one per use; its last answer repeats.
-        reply = (scripted.pop(0) if len(scripted) > 1 else scripted[0]) if isinstance(scripted, list) else scripted
-        if reply != "DROP":
-            conn.sendall(reply.encode("latin-1") + b"\r\n" if not reply.endswith("\n") else reply.encode("latin-1"))
-        return reply
-
-    def stop(self) -> None:
-        self._sock.close()
-
-
 # -- the proxy --------------------------------------------------------------------------------
 
 CLIENT_USER = "app1"
@@ -396,17 +291,6 @@ password_env = "RELAYPROXY_TEST_UPSTREAM_PASSWORD"
 """
 
 
-def recorder_upstream(recorder: Recorder, name: str = "default") -> str:
-    return f"""
-[upstream.{name}]
-host = "127.0.0.1"
-port = {recorder.port}
-tls = "none"
-# The recorder's sessions are read when they close; kept sessions are tested on their own.
-pool_size = 0
-"""
-
-
 def start_proxy(config_path: Path, ports: tuple[int, int, int]) -> Proxy:
     ensure_reactor()
     def load() -> Config:
@@ -444,57 +328,3 @@ def login(port: int, pki: PKI, user: str = CLIENT_USER, password: str = CLIENT_P
     smtp.starttls(context=pki.client_context())
     smtp.login(user, password)
     return smtp
-
-
-class RawClient:
-    """A byte-exact client for attacks smtplib cannot express."""
-
-    def __init__(self, port: int, context: ssl.SSLContext | None = None, timeout: float = 10) -> None:
-        self.sock: Any = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        if context is not None:
-            self.sock = context.wrap_socket(self.sock, server_hostname="relay.test")
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def starttls(self, context: ssl.SSLContext) -> None:
-        self.sock = context.wrap_socket(self.sock, server_hostname="relay.test")
-
-    def reply(self) -> bytes:
-        """One whole reply, multi-line included, as bytes."""
-        out = b""
-        while True:
-            while b"\r\n" not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError(f"closed; got so far {out + self.buf!r}")
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            out += line + b"\r\n"
-            if line[3:4] != b"-":
-                return out
-
-    def command(self, line: bytes) -> bytes:
-        """Send one line (CRLF added unless present) and return the one reply to it."""
-        self.send(line if line.endswith(b"\r\n") else line + b"\r\n")
-        return self.reply()
-
-    def closed(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except (ConnectionError, ssl.SSLError):
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def auth_plain_line(user: str = CLIENT_USER, password: str = CLIENT_PASSWORD) -> bytes:
-    """AUTH PLAIN with an initial response, CRLF-terminated."""
-    blob = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-    return b"AUTH PLAIN " + blob + b"\r\n"
-
-
-def iter_lines(data: bytes) -> Iterator[bytes]:
-    yield from data.split(b"\r\n")

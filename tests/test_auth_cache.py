@@ -11,7 +11,8 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 
-from relayproxy.credentials import UsersFileChecker, hash_password, write_users_file
+from relayproxy.credentials import UsersFileChecker
+from relayproxy.usersfile import hash_password, write_users_file
 
 
 class Clock:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relayproxy.cli import main
-from relayproxy.credentials import read_users_file
+from relayproxy.usersfile import read_users_file
 
 
 @pytest.fixture

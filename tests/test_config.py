@@ -9,7 +9,7 @@ import pytest
 import trustme
 
 from relayproxy.config import Config, UserConfig, load_config
-from relayproxy.credentials import hash_password, write_users_file
+from relayproxy.usersfile import hash_password, write_users_file
 from relayproxy.errors import ConfigError
 
 VALID = """\

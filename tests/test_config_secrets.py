@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from relayproxy.config import Config, OAuthConfig, load_config
-from relayproxy.credentials import hash_password, write_users_file
+from relayproxy.usersfile import hash_password, write_users_file
 from relayproxy.errors import ConfigError
 
 BASE = """\

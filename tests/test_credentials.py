@@ -15,17 +15,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from relayproxy.config import Config, ServerConfig, TLSConfig, UpstreamConfig, UserConfig
-from relayproxy.credentials import (
-    IRelayUser,
-    RelayUser,
-    UsersFileChecker,
-    UsersFileError,
-    check_password,
-    hash_password,
-    make_portal,
-    read_users_file,
-    write_users_file,
-)
+from relayproxy.credentials import IRelayUser, RelayUser, UsersFileChecker, make_portal
+from relayproxy.usersfile import UsersFileError, check_password, hash_password, read_users_file, write_users_file
 
 T = TypeVar("T")
 

@@ -32,7 +32,7 @@ from peers import Client
 from test_twistd import environment, twistd
 from twisted.internet.threads import blockingCallFromThread
 
-from relayproxy.credentials import hash_password, read_users_file, write_users_file
+from relayproxy.usersfile import hash_password, read_users_file, write_users_file
 
 
 def refused_login(port: int, pki: PKI) -> smtplib.SMTPAuthenticationError:
