@@ -9,12 +9,15 @@ followed STARTTLS in the same packet is dropped (RFC 3207 4.2).
 
 Pipelining: consecutive MAIL, RCPT and DATA commands that arrived together are checked one by one
 and the ones that passed go to the upstream as one ``Forward`` group, DATA only as its last
-command; a command refused here keeps its place among the upstream's replies.
+command; a command refused here keeps its place among the upstream's replies. When the group's
+MAIL fails, the commands after it are read again, as if they had come after its reply: what the
+client is answered never depends on how its commands were split into packets.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +195,12 @@ class _Group:
     """Envelope commands that arrived together, checked here one by one, to be forwarded at once."""
 
     items: list[EnvelopeCommand | Send] = field(default_factory=list)
+    lines: list[bytes] = field(default_factory=list)
+    """The command line of each item, to read again if the group's MAIL fails."""
+
+    def add(self, item: EnvelopeCommand | Send, line: bytes) -> None:
+        self.items.append(item)
+        self.lines.append(line)
 
     @property
     def forwarded(self) -> tuple[EnvelopeCommand, ...]:
@@ -206,8 +215,10 @@ class ServerSession:
         self._lines = LineBuffer(MAX_COMMAND_LINE)
         self._out: list[Action] = []
         self.waiting: Ask | None = None
-        self._held: bytes | TooLong | None = None
-        """A line read while a group was still open: it is handled once the group is answered."""
+        self._held: deque[bytes | TooLong] = deque()
+        """Lines read while a group was still open, or to read again: handled before the buffer's."""
+        self._line = b""
+        """The command line being handled."""
         self._group = _Group()
         self._sasl_step = ""
         self._sasl_user = ""
@@ -303,9 +314,8 @@ class ServerSession:
                 self._command(line)
 
     def _next_line(self) -> bytes | TooLong | None:
-        held, self._held = self._held, None
-        if held is not None:
-            return held
+        if self._held:
+            return self._held.popleft()
         line = self._lines.next_line()
         if line is not None:
             self.lines_read += 1
@@ -320,7 +330,7 @@ class ServerSession:
     def _refuse(self, reply: Reply, verb: str) -> None:
         if self._group.items:
             # A refused envelope command keeps its place among the upstream's replies.
-            self._group.items.append(Send(reply, verb))
+            self._group.add(Send(reply, verb), self._line)
             return
         self._emit(Send(reply, verb))
         if reply.code in _INVALID_COMMAND_CODES:
@@ -339,7 +349,7 @@ class ServerSession:
     def _command(self, line: bytes | TooLong) -> None:
         if self._group.items and (isinstance(line, TooLong) or _verb(line) not in _ENVELOPE_VERBS):
             # Anything else ends the group: it is answered after the group's replies.
-            self._held = line
+            self._held.append(line)
             self._forward_group()
             return
         if isinstance(line, TooLong):
@@ -347,6 +357,7 @@ class ServerSession:
             long_auth = line.start[:5].upper() == b"AUTH "
             self._refuse(Catalogue.AUTH_LINE_TOO_LONG if long_auth else Catalogue.LINE_TOO_LONG, "AUTH" if long_auth else "-")
             return
+        self._line = line
         verb = _verb(line)
         try:
             if b"\r" in line or b"\n" in line:
@@ -427,6 +438,7 @@ class ServerSession:
         # RFC 3207 4.2 / CVE-2011-0411: whatever followed STARTTLS came in plaintext and is dropped,
         # and everything learnt before TLS is forgotten.
         self._lines.clear()
+        self._held.clear()
         if self.state is State.TRANSACTION:
             yield Abandon()
         if self.state in (State.TRANSACTION, State.AUTHENTICATED):
@@ -542,7 +554,7 @@ class ServerSession:
         if self._accepted + self._pending == 0:
             raise ProtocolError(Catalogue.NO_VALID_RECIPIENTS)
         # DATA ends a group (RFC 2920 3.1): the client waits for its 354.
-        self._group.items.append(Data())
+        self._group.add(Data(), self._line)
         self._forward_group()
         return
         yield
@@ -550,17 +562,17 @@ class ServerSession:
     def _checked(self, ask: CheckMail | CheckRcpt, refusal: Reply | None) -> None:
         verb = "MAIL" if isinstance(ask, CheckMail) else "RCPT"
         if refusal is not None:
-            self._group.items.append(Send(refusal, verb))
+            self._group.add(Send(refusal, verb), self._line)
             return
         if isinstance(ask, CheckMail):
             self.state = State.TRANSACTION
             self._accepted = self._pending = self._attempted = 0
             self._failed = None
-            self._group.items.append(ask.mail)
+            self._group.add(ask.mail, self._line)
         else:
             self._pending += 1
             self._attempted += 1
-            self._group.items.append(ask.rcpt)
+            self._group.add(ask.rcpt, self._line)
 
     def _forward_group(self) -> None:
         if not self._group.items or self.waiting is not None:
@@ -574,7 +586,7 @@ class ServerSession:
     def _forwarded(self, result: Forwarded) -> None:
         group, self._group = self._group, _Group()
         replies = iter(result.replies)
-        for item in group.items:
+        for position, item in enumerate(group.items):
             if isinstance(item, Send):
                 self._refuse(item.reply, item.refused or "-")
                 if self.state is State.CLOSED:
@@ -585,6 +597,14 @@ class ServerSession:
             if isinstance(item, Mail):
                 if not reply.is_positive:
                     self.state = State.AUTHENTICATED
+                    self._accepted = self._pending = self._attempted = 0
+                    self._emit(Send(reply))
+                    # What came after it in the group was checked as part of a transaction that
+                    # does not exist: it is read again, as if it had arrived after this reply, so
+                    # the client's replies do not depend on how its packets were split. (The
+                    # upstream's replies to those commands are moot: it has no transaction either.)
+                    self._held.extendleft(reversed(group.lines[position + 1 :]))
+                    return
             elif isinstance(item, Rcpt):
                 self._pending -= 1
                 self._accepted += reply.is_positive
