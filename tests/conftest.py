@@ -11,7 +11,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import PKI, Proxy, Recorder, Smarthost, recorder_upstream, smarthost_upstream, start_proxy, write_config  # noqa: E402
+from harness import PKI, Proxy, Smarthost, smarthost_upstream, start_proxy, write_config  # noqa: E402
 from peers import Action, Certificate, ScriptedUpstream, issue  # noqa: E402
 
 
@@ -30,21 +30,6 @@ def smarthost(pki: PKI) -> Iterator[Smarthost]:
 @pytest.fixture
 def proxy(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> Iterator[Proxy]:
     path, ports = write_config(tmp_path, pki, smarthost_upstream(smarthost, pki))
-    running = start_proxy(path, ports)
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    rec = Recorder()
-    yield rec
-    rec.stop()
-
-
-@pytest.fixture
-def recorder_proxy(tmp_path: Path, pki: PKI, recorder: Recorder) -> Iterator[Proxy]:
-    path, ports = write_config(tmp_path, pki, recorder_upstream(recorder))
     running = start_proxy(path, ports)
     yield running
     running.stop()
