@@ -1,0 +1,1 @@
+"""Where messages go on: the interface every upstream kind implements, and SMTP smarthosts."""
