@@ -146,6 +146,10 @@ def _shown(name: str) -> str:
     return name.encode("ascii", "backslashreplace").decode("ascii")[:64]
 
 
+def _again(seconds: int | None) -> str:
+    return f"try again in {seconds} seconds" if seconds is not None else "try again later"
+
+
 def composed(code: int, enhanced: str, text: str) -> Reply:
     return Reply(code, (text,), enhanced)
 
@@ -258,6 +262,33 @@ class Catalogue:
     def sending_limit(name: str, time: str) -> Reply:
         """The user's messages per hour or recipients per day are used up until ``time`` (UTC, ISO 8601)."""
         return composed(451, "4.7.1", f"Sending limit reached for {_shown(name)}, try again after {time}")
+
+    GRAPH_INVALID_RECIPIENTS = composed(550, "5.1.1", "Microsoft Graph refused the recipients (ErrorInvalidRecipients)")
+
+    @staticmethod
+    def graph_accepted(request_id: str) -> Reply:
+        """Graph took the message (202): its request id stands as the queue id."""
+        return composed(250, "2.0.0", f"Ok: queued as {_shown(request_id)}")
+
+    @staticmethod
+    def graph_throttled(name: str, seconds: int | None) -> Reply:
+        return composed(451, "4.7.0", f"Microsoft Graph throttles upstream {name}, {_again(seconds)}")
+
+    @staticmethod
+    def graph_unavailable(name: str, status: int, seconds: int | None) -> Reply:
+        return composed(451, "4.4.5", f"Microsoft Graph unavailable for upstream {name} (HTTP {status}), {_again(seconds)}")
+
+    @staticmethod
+    def graph_send_as_denied(name: str) -> Reply:
+        return composed(550, "5.7.1", f"Microsoft Graph: the mailbox of upstream {name} may not send as this sender (ErrorSendAsDenied)")
+
+    @staticmethod
+    def graph_access_denied(name: str) -> Reply:
+        return composed(550, "5.7.1", f"Microsoft Graph denied upstream {name} access to its mailbox (Mail.Send permission or access policy)")
+
+    @staticmethod
+    def graph_refused(name: str, status: int, code: str) -> Reply:
+        return composed(554, "5.0.0", f"Microsoft Graph refused the message for upstream {name}: HTTP {status} {_shown(code)}")
 
     @staticmethod
     def upstream_unreachable(name: str) -> Reply:
