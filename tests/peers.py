@@ -13,7 +13,7 @@ reply) or as the return of ``wait_closed``.
 ``ScriptedUpstream`` listens in plaintext, with STARTTLS or with implicit TLS, greets, and answers
 each command from a script; it records every byte per connection and every read as it came
 (what the proxy sent in one write arrives in one read), counts connections opened and closed, and
-can delay every reply (a distant upstream).
+can delay its replies like a distant upstream (latency per round trip, not per command).
 
 Script values, per key (``greeting``, ``EHLO``, ``EHLO-TLS`` (EHLO once TLS is up), ``STARTTLS``,
 ``AUTH``, ``MAIL``, ``RCPT``, ``DATA``, ``BODY``, ``DATA-END``, ``QUIT``, or any other verb):
@@ -313,8 +313,9 @@ class ScriptedUpstream:
     """A threaded SMTP server that answers from ``script`` and records everything it receives.
 
     ``tls``: "none" (plaintext, no STARTTLS offered), "starttls" or "implicit", both with
-    ``certificate``. ``delay``: seconds before every reply, the greeting included (a distant
-    upstream: each round trip costs at least that).
+    ``certificate``. ``delay``: a distant upstream's round trip, in seconds: the greeting goes
+    out that long after the connection, and the replies to what one read carried that long after
+    the read (all together: a pipelined group costs one round trip, not one per command).
     """
 
     def __init__(
@@ -406,13 +407,16 @@ class ScriptedUpstream:
                 return
             with self._lock:
                 self.connections += 1
-                record, reads = bytearray(), []
+                record, reads = bytearray(), list[bytes]()
                 self.sessions.append(record)
                 self.reads.append(reads)
             threading.Thread(target=self._session, args=(conn, record, reads), daemon=True).start()
 
     def _session(self, conn: socket.socket, record: bytearray, reads: list[bytes]) -> None:
         conn.settimeout(30)
+        # Each reply its own segment at once: Nagle would hold the second reply of a pipelined
+        # group for the proxy's delayed ACK (40 ms), a delay no real server adds.
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self._converse(conn, record, reads)
         except (OSError, ssl.SSLError):
@@ -432,8 +436,9 @@ class ScriptedUpstream:
                 action = action.pop(0) if len(action) > 1 else action[0]
         return action
 
-    def _act(self, conn: Any, key: str, default: bytes) -> bytes | None:
-        """Do the script's action for ``key``: the bytes sent, or None when the connection must end."""
+    def _act(self, conn: Any, key: str, default: bytes, due: float = 0.0) -> bytes | None:
+        """Do the script's action for ``key``: the bytes sent, or None when the connection must end.
+        Bytes go out no earlier than ``due`` (time.monotonic())."""
         action = self._next(key, default)
         while callable(action):
             result = action(conn)
@@ -448,8 +453,9 @@ class ScriptedUpstream:
             return None
         assert isinstance(action, bytes), f"script action for {key}: {action!r}"
         if action:
-            if self.delay:
-                time.sleep(self.delay)
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             conn.sendall(action)
         return action
 
@@ -481,7 +487,8 @@ class ScriptedUpstream:
             if conn is None:
                 return
             secure = True
-        if self._act(conn, "greeting", GREETING) is None:
+        due = time.monotonic() + self.delay
+        if self._act(conn, "greeting", GREETING, due) is None:
             return
         buf = b""
         body: bytearray | None = None
@@ -491,6 +498,7 @@ class ScriptedUpstream:
             chunk = conn.recv(65536)
             if not chunk:
                 return
+            due = time.monotonic() + self.delay
             record += chunk
             reads.append(chunk)
             (self.secure if secure else self.plaintext).extend(chunk)
@@ -508,13 +516,13 @@ class ScriptedUpstream:
                     if end < 0:
                         if "BODY" in self.script and not body_fired and len(body) >= self.body_drop_after:
                             body_fired = True
-                            if self._act(conn, "BODY", b"") is None:
+                            if self._act(conn, "BODY", b"", due) is None:
                                 return
                         break
                     buf = bytes(body[end + 3 :])
                     self.bodies.append(bytes(body[:end]))
                     body = None
-                    if self._act(conn, "DATA-END", QUEUED) is None:
+                    if self._act(conn, "DATA-END", QUEUED, due) is None:
                         return
                     continue
                 end = buf.find(b"\r\n")
@@ -526,7 +534,7 @@ class ScriptedUpstream:
                 self.commands.append(line)
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("ascii", "replace")
                 key = "EHLO-TLS" if verb == "EHLO" and secure else verb
-                sent = self._act(conn, key, self._default(key))
+                sent = self._act(conn, key, self._default(key), due)
                 if sent is None or verb == "QUIT":
                     return
                 if verb == "STARTTLS" and not secure and self._context is not None and sent.startswith(b"220"):
