@@ -6,9 +6,9 @@ run on real sockets, so a test asserts what a user of the proxy sees: the reply 
 side, the bytes (and the reads they came in) on the upstream side.
 
 ``Client`` connects in plaintext or with implicit TLS, from a chosen loopback source address
-(per-IP limits), does STARTTLS, sends exact bytes or lines, and reads one reply, n replies, or
-all the replies that arrive before a quiet period; a close shows as ``Closed`` (with the partial
-reply) or as the return of ``wait_closed``.
+(per-IP limits), does STARTTLS, sends exact bytes or lines (or drips them a byte at a time), and
+reads one reply, n replies, or all the replies that arrive before a quiet period; a close shows
+as ``Closed`` (with the partial reply) or as the return of ``wait_closed``.
 
 ``ScriptedUpstream`` listens in plaintext, with STARTTLS or with implicit TLS, greets, and answers
 each command from a script; it records every byte per connection and every read as it came
@@ -147,6 +147,27 @@ class Client:
                     return out
         finally:
             self.sock.settimeout(self.timeout)
+
+    def drip(self, data: bytes, every: float) -> bytes:
+        """Send ``data`` one byte every ``every`` seconds until the peer writes (or closes), then
+        return its reply: a slow client's bytes, each well within any idle timeout."""
+        self.sock.settimeout(every)
+        try:
+            for i in range(len(data)):
+                try:
+                    self.send(data[i : i + 1])
+                except OSError:
+                    break
+                try:
+                    self._fill()
+                except TimeoutError:
+                    continue
+                except Closed:
+                    pass
+                break
+        finally:
+            self.sock.settimeout(self.timeout)
+        return self.reply()
 
     def command(self, line: bytes) -> bytes:
         """Send one line (CRLF added unless it ends with one) and return the one reply to it."""

@@ -7,7 +7,6 @@ protocol to present IPv6 client addresses from loopback.
 from __future__ import annotations
 
 import base64
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,57 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import ProxyFactory
 from harness import CLIENT_PASSWORD, CLIENT_USER, PKI, Smarthost, _listening, free_port, smarthost_upstream, wait_for, write_config
+from peers import Client
 from test_twistd import environment, twistd
 
 TIMEOUT = b"421 4.4.2 relay.test Timeout, closing connection\r\n"
 TOO_MANY = b"421 4.7.0 relay.test Too many connections, try again later\r\n"
 LOGIN = b"AUTH PLAIN " + base64.b64encode(f"\0{CLIENT_USER}\0{CLIENT_PASSWORD}".encode())
-
-
-class Raw:
-    """A plain TCP client: exact bytes out, replies in."""
-
-    def __init__(self, port: int, header: bytes = b"") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        if header:
-            self.sock.sendall(header)
-        self.buf = b""
-
-    def reply(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"closed; got {self.buf!r}")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line + b"\r\n" if line[3:4] != b"-" else line + b"\r\n" + self.reply()
-
-    def command(self, line: bytes) -> bytes:
-        self.sock.sendall(line + b"\r\n")
-        return self.reply()
-
-    def drip(self, data: bytes, every: float) -> bytes:
-        """Send one byte at a time until the proxy answers; what it answered, and the bytes sent."""
-        self.sock.settimeout(every)
-        for i in range(len(data)):
-            try:
-                self.sock.sendall(data[i : i + 1])
-            except OSError:
-                break
-            try:
-                chunk = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.buf += chunk
-            break
-        self.sock.settimeout(15)
-        return self.reply()
-
-    def closed(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except OSError:
-            return True
 
 
 Twistd = Callable[[str], tuple[int, Path]]
@@ -109,20 +63,18 @@ def logged(log: Path, text: str) -> str:
 
 def test_a_command_dripped_byte_by_byte_has_command_timeout_in_all(twistd_with: Twistd) -> None:
     port, log = twistd_with("command_timeout = 2\nunauthenticated_timeout = 60")
-    client = Raw(port)
-    client.reply()
+    client = Client(port)
     started = time.monotonic()
     # 1 byte every 0.4 s: the line would take 8 s; each byte comes well within the 2 s of silence.
     assert client.drip(b"EHLO a-rather-long-client-name.example\r\n", every=0.4) == TIMEOUT
     assert time.monotonic() - started < 6
-    assert client.closed()
+    assert client.wait_closed() == b""
     assert "limit=command_timeout" in logged(log, "timeout session=")
 
 
 def test_a_session_that_never_logs_in_has_unauthenticated_timeout(twistd_with: Twistd) -> None:
     port, log = twistd_with("command_timeout = 30\nunauthenticated_timeout = 2")
-    client = Raw(port)
-    client.reply()
+    client = Client(port)
     started = time.monotonic()
     replies = []
     while not replies or replies[-1] != TIMEOUT:
@@ -135,8 +87,7 @@ def test_a_session_that_never_logs_in_has_unauthenticated_timeout(twistd_with: T
 
 def test_a_body_dripped_below_min_data_rate_is_cut_and_never_delivered(twistd_with: Twistd, smarthost: Smarthost) -> None:
     port, log = twistd_with("data_timeout = 30\nmin_data_rate = 200\ndata_rate_grace = 1\nunauthenticated_timeout = 2")
-    client = Raw(port)
-    client.reply()
+    client = Client(port)
     client.command(b"EHLO client.test")
     assert client.command(LOGIN).startswith(b"235 ")
     assert client.command(b"MAIL FROM:<app1@example.org>").startswith(b"250 ")
@@ -151,32 +102,36 @@ def test_a_body_dripped_below_min_data_rate_is_cut_and_never_delivered(twistd_wi
 def test_unauthenticated_sessions_cannot_take_the_slots_of_authenticated_ones(make_proxy: ProxyFactory, smarthost: Smarthost, pki: PKI, log_lines: list[str]) -> None:
     proxy = make_proxy(smarthost_upstream(smarthost, pki), limits="max_connections = 4\nmax_unauthenticated = 2")
     first, second = greeted(proxy.plain_port), greeted(proxy.plain_port)
-    third = Raw(proxy.plain_port)
-    assert third.reply() == TOO_MANY and third.closed()
+    third = Client(proxy.plain_port)
+    assert third.greeting == TOO_MANY and third.wait_closed() == b""
     assert any("connection refused" in line and "limit=max_unauthenticated" in line for line in log_lines)
     # Once one logs in, its slot is an authenticated one: an unauthenticated slot is free again.
     first.command(b"EHLO client.test")
     assert first.command(LOGIN).startswith(b"235 ")
-    fourth = Raw(proxy.plain_port)
-    assert fourth.reply().startswith(b"220 ")
-    fifth = Raw(proxy.plain_port)
-    assert fifth.reply() == TOO_MANY
+    fourth = Client(proxy.plain_port)
+    assert fourth.greeting.startswith(b"220 ")
+    fifth = Client(proxy.plain_port)
+    assert fifth.greeting == TOO_MANY
     assert first.command(b"NOOP") == b"250 2.0.0 OK\r\n"
 
 
-def greeted(port: int) -> Raw:
+def greeted(port: int) -> Client:
     """A client the proxy greeted, once the start-up's probes of the listeners have left."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        client = Raw(port)
-        if client.reply().startswith(b"220 "):
+        client = Client(port)
+        if client.greeting.startswith(b"220 "):
             return client
+        client.close()
         time.sleep(0.05)
     raise AssertionError("never greeted")
 
 
-def proxied(port: int, address: str) -> Raw:
-    return Raw(port, f"PROXY TCP6 {address} ::1 40000 25\r\n".encode())
+def proxied(port: int, address: str) -> Client:
+    """A client behind a PROXY header from ``address``; its greeting is not read yet."""
+    client = Client(port, read_greeting=False)
+    client.send(f"PROXY TCP6 {address} ::1 40000 25\r\n".encode())
+    return client
 
 
 def behind_haproxy(make_proxy: ProxyFactory, smarthost: Smarthost, pki: PKI, limits: str) -> int:
