@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import PKI, Proxy, Smarthost, smarthost_upstream, start_proxy, write_config  # noqa: E402
 from peers import Action, Certificate, ScriptedUpstream, issue  # noqa: E402
+from graph_standin import GraphStandIn  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,14 @@ def smarthost(pki: PKI) -> Iterator[Smarthost]:
     host = Smarthost(pki).start()
     yield host
     host.stop()
+
+
+@pytest.fixture
+def graph(pki: PKI) -> Iterator[GraphStandIn]:
+    """Microsoft Graph and the identity platform's token endpoint over TLS (tests/graph_standin.py)."""
+    standin = GraphStandIn(pki).start()
+    yield standin
+    standin.stop()
 
 
 @pytest.fixture
