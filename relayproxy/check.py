@@ -32,11 +32,11 @@ async def check_upstreams(config: Config, reactor: Any, say: Callable[[str], Non
 
 def check_users(config: Config, say: Callable[[str], None]) -> None:
     """Warnings only: the config loader already refused what cannot work."""
-    users = read_users_file(config.users_file)
+    users = read_users_file(config.auth.users_file)
     for name in sorted(set(config.users) - set(users)):
-        say(f"warn user {name}: has a [users.{name}] section but no entry in {config.users_file}, so cannot log in")
+        say(f"warn user {name}: has a [users.{name}] section but no entry in {config.auth.users_file}, so cannot log in")
     routed = {name: config.user(name).upstream for name in users}
     unused = sorted(set(config.upstreams) - set(routed.values()))
     for name in unused:
         say(f"warn upstream {name}: no user is routed to it")
-    say(f"ok   users file {config.users_file}: {len(users)} user(s)")
+    say(f"ok   users file {config.auth.users_file}: {len(users)} user(s)")

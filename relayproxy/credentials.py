@@ -210,4 +210,4 @@ class RelayRealm:
 
 def make_portal(config: Config, run_in_thread: RunInThread) -> Portal:
     """The Portal that SMTP AUTH logs in through; its avatars provide IRelayUser."""
-    return Portal(RelayRealm(config), [UsersFileChecker(config.users_file, run_in_thread, config.auth_cache_seconds)])
+    return Portal(RelayRealm(config), [UsersFileChecker(config.auth.users_file, run_in_thread, config.auth.cache_seconds)])

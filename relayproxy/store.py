@@ -19,9 +19,9 @@ import secrets
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from relayproxy.redis import RedisClient, RedisError, RedisUnavailable, RedisValue, parse_redis_url
+from relayproxy.redis import RedisClient, RedisError, RedisUnavailable, RedisURL, RedisValue
 
 MAX_TRACKED = 100_000
 """Keys of one kind the memory store remembers at most: random user names cannot grow memory."""
@@ -291,10 +291,9 @@ def _strings(value: RedisValue, count: int) -> list[bytes]:
 class RedisStore(LimitStore):
     """Counts shared by every instance that names the same Redis database."""
 
-    def __init__(self, reactor: Any, url: str, timeout: float = STORE_TIMEOUT) -> None:
-        parsed = parse_redis_url(url)
-        self.name = str(parsed)
-        self._client = RedisClient(reactor, parsed, timeout)
+    def __init__(self, reactor: Any, url: RedisURL, timeout: float = STORE_TIMEOUT) -> None:
+        self.name = str(url)
+        self._client = RedisClient(reactor, url, timeout)
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[str | float | int]) -> RedisValue:
         try:
@@ -342,6 +341,6 @@ class RedisStore(LimitStore):
         self._client.close()
 
 
-def open_store(reactor: Any, spec: str) -> LimitStore:
-    """The store a ``[limits] store`` value names ("memory" or "redis://..."; checked by load_config)."""
-    return MemoryStore() if spec == "memory" else RedisStore(reactor, spec)
+def open_store(reactor: Any, store: Literal["memory"] | RedisURL) -> LimitStore:
+    """The store ``[limits] store`` names, as load_config parsed it."""
+    return MemoryStore() if store == "memory" else RedisStore(reactor, store)

@@ -10,8 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from twisted.application.service import IService, MultiService
 from OpenSSL import SSL
 from twisted.cred.portal import Portal
@@ -75,15 +73,14 @@ SERVER_TLS12_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(  # type: i
 
 
 def server_tls_options(tls: TLSConfig) -> Any:
-    """The TLS settings of every client-facing listener: STARTTLS and implicit TLS alike."""
-    assert tls.certificate is not None and tls.key is not None
-    chain = x509.load_pem_x509_certificates(tls.certificate.read_bytes())
-    key = serialization.load_pem_private_key(tls.key.read_bytes(), password=None)
+    """The TLS settings of every client-facing listener: STARTTLS and implicit TLS alike, with the
+    certificate chain and key load_config read and checked."""
+    assert tls.private_key is not None and tls.chain
     # pyOpenSSL takes cryptography's objects (its own X509/PKey are deprecated); Twisted's hints lag.
     return ssl.CertificateOptions(
-        privateKey=cast(Any, key),
-        certificate=cast(Any, chain[0]),
-        extraCertChain=cast(Any, chain[1:]),
+        privateKey=cast(Any, tls.private_key),
+        certificate=cast(Any, tls.chain[0]),
+        extraCertChain=cast(Any, list(tls.chain[1:])),
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         acceptableCiphers=SERVER_TLS12_CIPHERS,
     )
@@ -141,10 +138,10 @@ class RelayService(MultiService):
         self.config = config
         self._reactor = reactor
         self._load = load
-        self._tls = ReloadableServerTLS(server_tls_options(config.tls)) if config.tls.certificate else None
+        self._tls = ReloadableServerTLS(server_tls_options(config.tls)) if config.tls.private_key else None
         # Before any factory or connector is built: they keep the object they are given. A reload
         # keeps it too, so counters run on across SIGHUP.
-        prometheus = PrometheusMetrics() if config.metrics_endpoint else None
+        prometheus = PrometheusMetrics() if config.metrics.endpoint else None
         self.metrics: Metrics = prometheus or NullMetrics()
         # One store for the AUTH throttle and the budgets; with Redis, shared with other instances.
         self._store = open_store(reactor, config.limits.store)
@@ -161,10 +158,10 @@ class RelayService(MultiService):
             listener.service.setServiceParent(self)  # type: ignore[no-untyped-call]
         # The factories of listeners a reload removed, while they still have sessions to drain.
         self._retired: list[SMTPServerFactory] = []
-        if prometheus is not None and config.metrics_endpoint:
+        if prometheus is not None and config.metrics.endpoint:
             # Serves on through the shutdown drain, /healthz answering 503, then stops.
             metrics_service(
-                reactor, config.metrics_endpoint, prometheus, self.healthy,
+                reactor, config.metrics.endpoint, prometheus, self.healthy,
                 until=lambda: defer.gatherResults([f.when_empty() for f in self._factories()]),
             ).setServiceParent(self)  # type: ignore[no-untyped-call]
 
@@ -268,7 +265,7 @@ class RelayService(MultiService):
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd asks the application for an ILogObserver before its own text log.
-        if self.config.log_format == "json" and isinstance(parent, Componentized):
+        if self.config.log.format == "json" and isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, JSONLinesObserver())  # type: ignore[no-untyped-call]
         super().setServiceParent(parent)  # type: ignore[no-untyped-call]
 
@@ -291,17 +288,16 @@ class RelayService(MultiService):
         """
         try:
             new = self._load()
-            tls = server_tls_options(new.tls) if new.tls.certificate else None
-        except (ConfigError, OSError, ValueError) as e:
-            # A file can change between the check and the read of the certificate.
-            return self._refuse(e.problems if isinstance(e, ConfigError) else [f"{self.config.path}: {e}"])
-        if new.metrics_endpoint != self.config.metrics_endpoint:
+        except ConfigError as e:
+            return self._refuse(e.problems)
+        tls = server_tls_options(new.tls) if new.tls.private_key else None
+        if new.metrics != self.config.metrics:
             log.warn("reload: [metrics] changes take effect only after a restart")
-            new = replace(new, metrics_endpoint=self.config.metrics_endpoint)
+            new = replace(new, metrics=self.config.metrics)
         if new.limits.store != self.config.limits.store:
             log.warn("reload: [limits] store changes take effect only after a restart")
             new = replace(new, limits=replace(new.limits, store=self.config.limits.store))
-        if new.log_format != self.config.log_format:
+        if new.log != self.config.log:
             log.warn("reload: [log] format changes take effect only after a restart")
         # The first [tls] of a proxy that had none (its first TLS listener) is a new object.
         server_tls = self._tls or (ReloadableServerTLS(tls) if tls is not None else None)

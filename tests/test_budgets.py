@@ -258,6 +258,7 @@ def test_redis_store_matches_memory_store(redis: RedisServer) -> None:
     from twisted.internet import defer
     from twisted.internet.threads import blockingCallFromThread
 
+    from relayproxy.redis import parse_redis_url
     from relayproxy.store import LimitStore, MemoryStore, RedisStore, WindowCheck
 
     ensure_reactor()
@@ -281,7 +282,7 @@ def test_redis_store_matches_memory_store(redis: RedisServer) -> None:
     def run(store: LimitStore) -> list[object]:
         return blockingCallFromThread(reactor, lambda: defer.Deferred.fromCoroutine(script(store)))  # type: ignore[no-any-return]
 
-    shared = RedisStore(reactor, redis.url)
+    shared = RedisStore(reactor, parse_redis_url(redis.url))
     try:
         from_redis = run(shared)
     finally:

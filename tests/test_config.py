@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 import trustme
 
 from relayproxy.config import Config, UserConfig, load_config
+from relayproxy.config.schema import key_names
+from relayproxy.config.sections import TABLES
 from relayproxy.usersfile import hash_password, write_users_file
 from relayproxy.errors import ConfigError
 
@@ -60,6 +64,9 @@ command_timeout = 60
 """
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
     ca = trustme.CA()
@@ -102,7 +109,7 @@ def test_valid_config_loads(config_dir: Path) -> None:
     assert config.server.max_message_size == 35 * 1024 * 1024
     assert config.tls.certificate == config_dir / "cert.pem"
     assert [listener.tls for listener in config.listeners] == ["starttls", "implicit", "none"]
-    assert config.users_file == config_dir / "users"
+    assert config.auth.users_file == config_dir / "users"
     default = config.upstreams["default"]
     assert (default.port, default.password, default.connect_timeout) == (465, "s3cret", 10.0)
     assert config.upstreams["other"].port == 587
@@ -293,3 +300,35 @@ def test_many_problems_reported_together(config_dir: Path) -> None:
 )
 def test_may_send(allowed: tuple[str, ...], address: str, expected: bool) -> None:
     assert UserConfig("alice", allowed_senders=allowed).may_send(address) is expected
+
+
+def documented_keys(text: str) -> set[str]:
+    """The keys etc/relayproxy.toml shows as ``key = value`` lines, commented out or not, as TABLE.KEY
+    (TABLE.NAME.KEY for the tables of [upstream.NAME] and [users.NAME])."""
+    found, table = set(), ""
+    for raw in text.splitlines():
+        line = raw.strip().lstrip("#").strip()
+        header = re.fullmatch(r"\[\[?([A-Za-z0-9_.-]+)\]\]?", line)
+        if header:
+            parts = header.group(1).split(".")
+            table = parts[0] + (".NAME" if len(parts) > 1 else "")
+            continue
+        try:
+            pair = tomllib.loads(line)
+        except tomllib.TOMLDecodeError:
+            # Prose, such as a line that only mentions tls = "none".
+            continue
+        if len(pair) == 1 and table:
+            found.add(f"{table}.{next(iter(pair))}")
+    return found
+
+
+def test_example_config_documents_every_declared_key_and_no_other() -> None:
+    declared = {f"{table}.{key}" for table, schemas in TABLES.items() for key in key_names(*schemas)}
+    documented = documented_keys((REPO / "etc" / "relayproxy.toml").read_text())
+    assert sorted(declared - documented) == [], "declared but not documented in etc/relayproxy.toml"
+    assert sorted(documented - declared) == [], "in etc/relayproxy.toml but not declared in relayproxy/config/sections.py"
+    # The parser itself finds keys in both forms, under [[...]] and commented headers too.
+    assert documented_keys('[[listener]]\n# tls = "none": prose\nendpoint = "x"\n# [upstream.a]\n# port = 1\n') == {
+        "listener.endpoint", "upstream.NAME.port"
+    }

@@ -14,7 +14,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from relayproxy.config import Config, ServerConfig, TLSConfig, UpstreamConfig, UserConfig
+from relayproxy.config import AuthConfig, Config, ServerConfig, TLSConfig, UpstreamConfig, UserConfig
 from relayproxy.credentials import IRelayUser, RelayUser, UsersFileChecker, make_portal
 from relayproxy.usersfile import UsersFileError, check_password, hash_password, read_users_file, write_users_file
 
@@ -137,7 +137,7 @@ def make_config(users_file: Path) -> Config:
         server=ServerConfig("relay.test"),
         tls=TLSConfig(),
         listeners=(),
-        users_file=users_file,
+        auth=AuthConfig(users_file),
         upstreams={"default": upstream("default"), "other": upstream("other")},
         users={"bob": UserConfig("bob", "other", ("bob@example.com",))},
     )

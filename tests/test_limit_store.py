@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 
 from relayproxy.config import LimitsConfig, UserConfig
 from relayproxy.limits import DAY, HOUR, AuthThrottle, Budgets, utc
-from relayproxy.redis import MAX_BULK, RedisError, RedisProtocol, RedisUnavailable, encode_command, parse_redis_url
+from relayproxy.redis import MAX_BULK, RedisError, RedisProtocol, RedisUnavailable, RedisURL, encode_command, parse_redis_url
 from relayproxy.smtp.reply import Catalogue
 from relayproxy.store import LimitStore, MemoryStore, StoreUnavailable, WindowCheck, frees_at
 
@@ -282,7 +282,7 @@ def test_budget_and_store_keys_load(config_dir: Path) -> None:  # noqa: F811
     config = load(config_dir, text)
     assert (config.users["alice"].max_messages_per_hour, config.users["alice"].max_recipients_per_day) == (50, 500)
     assert config.user("bob").max_messages_per_hour is None
-    assert config.limits.store == "redis://:pw@127.0.0.1:6379/3"
+    assert config.limits.store == RedisURL("127.0.0.1", 6379, 3, "pw")
     assert load(config_dir, VALID).limits.store == "memory"
 
 

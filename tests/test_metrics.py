@@ -191,14 +191,14 @@ def test_reload_keeps_the_metrics_object(metered: Proxy, pki: PKI, metrics_port:
     path.write_text(path.read_text().replace(f"tcp:{metrics_port}:", "tcp:1:"))
     assert blockingCallFromThread(reactor, metered.service.reload)
     assert metered.service.metrics is metrics
-    assert metered.service.config.metrics_endpoint == f"tcp:{metrics_port}:interface=127.0.0.1"
+    assert metered.service.config.metrics.endpoint == f"tcp:{metrics_port}:interface=127.0.0.1"
     with login(metered.port, pki):
         pass
     assert sample(scrape(metrics_port), "relayproxy_auth_total", outcome="ok") == 2.0
 
 
 def test_no_metrics_section_no_metrics_server(proxy: Proxy) -> None:
-    assert proxy.service.config.metrics_endpoint is None
+    assert proxy.service.config.metrics.endpoint is None
     assert isinstance(proxy.service.metrics, NullMetrics)
     assert proxy.service.healthy()
 
@@ -220,7 +220,7 @@ def test_metrics_endpoint_forms_that_load(tmp_path: Path, pki: PKI, smarthost: S
     for endpoint in ("tcp:9187", "tcp:interface=127.0.0.1:port=9187", "tcp6:9187:interface=\\:\\:1", "unix:/run/relayproxy/metrics.sock"):
         path, _ = write_config(tmp_path, pki, smarthost_upstream(smarthost, pki), extra=f"[metrics]\nendpoint = '{endpoint}'\n")
         config = load_config(path, environ={"RELAYPROXY_TEST_UPSTREAM_PASSWORD": "x"})
-        assert config.metrics_endpoint == endpoint
+        assert config.metrics.endpoint == endpoint
 
 
 def test_unknown_metrics_key(tmp_path: Path, pki: PKI, smarthost: Smarthost) -> None:

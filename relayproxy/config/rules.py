@@ -1,0 +1,383 @@
+"""load_config: the file read table by table, and the rules that span keys.
+
+What one key must be is declared in sections.py and checked by schema.Table; here is what no single
+key can say: which listeners need the TLS material and whether it serves, where secrets come from,
+what each OAuth grant needs, that every user reaches an upstream, and limits that bound each other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
+
+from relayproxy.config.schema import Setting, Source, Table, fix_of, key_names, settings
+from relayproxy.config.sections import (
+    DEFAULT_UPSTREAM, HOSTS, TABLES, AuthConfig, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig, OAuthConfig,
+    ServerConfig, TLSConfig, TLSKey, UpstreamConfig, UserConfig, endpoint_fields,
+)
+from relayproxy.errors import ConfigError
+from relayproxy.usersfile import UsersFileError, read_users_file
+
+T = TypeVar("T")
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None, *, for_oauth_setup: bool = False) -> Config:
+    """Read and check the configuration at ``path``.
+
+    ``environ`` supplies the variables named by ``password_env`` and CREDENTIALS_DIRECTORY for
+    ``*_credential`` (default: ``os.environ``). ``for_oauth_setup`` accepts a missing
+    ``refresh_token_file``, which ``relayproxy oauth`` is about to create.
+    Raises ConfigError listing every problem found, not just the first.
+    """
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the configuration: {e.strerror}; check the path or pass --config"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}; correct the syntax there"]) from e
+    source = Source(path, os.environ if environ is None else environ)
+    top = Table(source, "", data)
+    top.check_known([name.partition(".")[0] for name in TABLES])
+    server = _plain(top, "server", ServerConfig)
+    listeners = _listeners(top)
+    tls = _tls(top.table("tls"), listeners)
+    auth = _plain(top, "auth", AuthConfig)
+    user_names = _user_names(top.table("auth"), auth.users_file)
+    upstreams = _upstreams(top, for_oauth_setup)
+    users = _users(top.table("users"), upstreams, user_names)
+    limits = _limits(top.table("limits"))
+    log = _plain(top, "log", LogConfig)
+    metrics = _plain(top, "metrics", MetricsConfig)
+    source.raise_problems()
+    return Config(path, server, tls, listeners, auth, upstreams, users, limits, log, metrics)
+
+
+def _plain(top: Table, name: str, cls: type[T]) -> T:
+    """A table with no rule beyond the declarations of its keys."""
+    table = top.table(name)
+    table.check_known(key_names(*TABLES[name]))
+    return table.read(cls)
+
+
+def _listeners(top: Table) -> tuple[ListenerConfig, ...]:
+    tables = top.array_of_tables("listener")
+    if not top.data.get("listener"):
+        top.problem("listener", "missing: nothing would accept connections", 'add a [[listener]] section with endpoint = "tcp:587"')
+    listeners = []
+    for table in tables:
+        table.check_known(key_names(ListenerConfig))
+        listener = table.read(ListenerConfig)
+        if listener.tls == "none" and table.ok("endpoint") and not listener.allow_plaintext_auth and not _binds_locally(listener.endpoint):
+            table.problem(
+                "tls",
+                '"none" would let passwords cross the network in the clear',
+                'use "starttls" or "implicit", bind a loopback interface such as '
+                '"tcp:2525:interface=127.0.0.1", or set allow_plaintext_auth = true',
+            )
+        listeners.append(listener)
+    return tuple(listeners)
+
+
+def _binds_locally(endpoint: str) -> bool:
+    """Can only clients on this host connect to ``endpoint``?"""
+    fields = endpoint_fields(endpoint)
+    if fields[0].lower() == "unix":
+        # A Unix socket never leaves the host, like a loopback interface.
+        return True
+    interfaces = [f.removeprefix("interface=") for f in fields[1:] if f.startswith("interface=")]
+    return bool(interfaces) and _is_loopback_host(interfaces[0].replace("\\:", ":"))
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tls(table: Table, listeners: tuple[ListenerConfig, ...]) -> TLSConfig:
+    """The certificate chain and key, read and checked here once: the listeners serve with them."""
+    table.check_known(key_names(TLSConfig))
+    tls = table.read(TLSConfig)
+    certificate, key = tls.certificate, tls.key
+    if certificate is None and key is None:
+        needing = [(n, listener.tls) for n, listener in enumerate(listeners, 1) if listener.tls != "none"]
+        if needing:
+            number, kind = needing[0]
+            table.problem("certificate", f'missing, but listener[{number}] has tls = "{kind}"', "set [tls] certificate and key to PEM files")
+        return tls
+    if certificate is None or key is None:
+        missing, present = ("certificate", "key") if certificate is None else ("key", "certificate")
+        table.problem(missing, f"missing, but {present} is set", "set both or neither")
+        return tls
+    cert_pem, key_pem = table.read_file("certificate", certificate), table.read_file("key", key)
+    if cert_pem is None or key_pem is None:
+        return tls
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        table.problem("certificate", f"{certificate} holds no PEM certificate", "point it at a PEM certificate file")
+        return tls
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        # TypeError: the key is encrypted; the daemon has no one to ask for a passphrase.
+        table.problem("key", f"{key} holds no usable PEM private key ({e})", "point it at an unencrypted PEM private key file")
+        return tls
+    if not isinstance(private_key, TLSKey):
+        table.problem("key", f"{key} holds a {type(private_key).__name__}, which cannot serve TLS", "use an RSA, ECDSA or EdDSA key")
+        return tls
+    # Ask OpenSSL itself, the library that will serve with this pair.
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    try:
+        context.use_certificate(chain[0])
+        context.use_privatekey(private_key)
+        context.check_privatekey()
+    except SSL.Error:
+        table.problem("key", f"key does not match certificate {certificate}", "point key at the private key the certificate was issued for")
+        return tls
+    return replace(tls, chain=tuple(chain), private_key=private_key)
+
+
+def _user_names(table: Table, path: Path) -> frozenset[str]:
+    if not table.ok("users_file"):
+        return frozenset()
+    try:
+        return frozenset(read_users_file(path))
+    except OSError as e:
+        fix = "create it with: relayproxy passwd add NAME, or let the relayproxy user read it"
+        table.problem("users_file", f"cannot read {path}: {e.strerror}", fix)
+    except UsersFileError as e:
+        # Each problem names its line and carries its own fix.
+        table.source.problems.extend(f"{table.source.file}: {table.key_of('users_file')}: {p}" for p in e.problems)
+    return frozenset()
+
+
+def _upstreams(top: Table, for_oauth_setup: bool) -> dict[str, UpstreamConfig]:
+    tables = top.table("upstream").subtables()
+    if not top.data.get("upstream"):
+        top.problem(
+            "upstream", "missing: there is nowhere to relay mail to", 'add an [upstream.default] section with host = "smtp.example.com"'
+        )
+    return {name: _upstream(name, table, for_oauth_setup) for name, table in tables}
+
+
+_PASSWORD = settings(UpstreamConfig)["password"]
+_CLIENT_SECRET = settings(OAuthConfig)["client_secret"]
+
+
+def _upstream(name: str, table: Table, for_oauth_setup: bool) -> UpstreamConfig:
+    table.check_known(key_names(*TABLES["upstream.NAME"]))
+    upstream = table.read(UpstreamConfig, name=name)
+    default_port = {"implicit": 465, "starttls": 587, "none": 25}[upstream.tls]
+    if "hosts" in table.data:
+        for key in ("host", "port"):
+            if key in table.data:
+                table.problem(key, "set together with hosts", f"list every host in hosts and remove {key}")
+        targets = _hosts(table, default_port)
+    else:
+        if "host" not in table.data:
+            table.problem("host", "missing", fix_of(settings(UpstreamConfig)["host"]))
+        targets = [(upstream.host, upstream.port if table.ok("port") else default_port)]
+    # Judged by presence, not by validity: a bad value has been reported already.
+    has_username = "username" in table.data
+    has_password = any(key in table.data for key in _PASSWORD.names)
+    password = oauth = None
+    if upstream.auth == "password":
+        for key in key_names(OAuthConfig):
+            if key in table.data:
+                table.problem(key, 'only used with auth = "xoauth2"', 'set auth = "xoauth2" or remove it')
+        password = _secret(table, _PASSWORD)
+        if has_username and not has_password:
+            table.problem("username", "set without a password", "set password_file, password_env or password_credential too")
+        if has_password and not has_username:
+            table.problem("username", "missing, but a password is set", "set username too")
+    else:
+        for key in _PASSWORD.names:
+            if key in table.data:
+                what = 'not used with auth = "xoauth2", which logs in with an access token'
+                table.problem(key, what, 'remove it, or set auth = "password"')
+        if not has_username:
+            what = 'missing: auth = "xoauth2" needs the mailbox to log in as'
+            table.problem("username", what, 'set username to the mailbox, such as "alerts@example.org"')
+        oauth = _oauth(name, table, for_oauth_setup)
+    if upstream.tls == "none" and targets and targets[0][0]:
+        remote = [host for host, _ in targets if not _is_loopback_host(host)]
+        for host in remote:
+            table.problem("tls", f'"none" is only allowed for a loopback host, not {json.dumps(host)}', 'use "implicit" or "starttls"')
+        if not remote and (has_username or has_password or oauth is not None):
+            table.problem(
+                "tls",
+                '"none" with credentials configured: relayproxy never sends credentials in the clear',
+                'use "implicit" or "starttls", or remove username and password',
+            )
+    host, port = targets[0] if targets else ("", default_port)
+    return replace(upstream, host=host, port=port, fallbacks=tuple(targets[1:]), password=password, oauth=oauth)
+
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+))(?::(?P<port>\d{1,5}))?")
+
+
+def _hosts(table: Table, default_port: int) -> list[tuple[str, int]]:
+    entries = table.value(HOSTS)
+    if not entries and table.ok("hosts"):
+        table.problem("hosts", "is empty", fix_of(HOSTS))
+    targets = []
+    for entry in entries:
+        m = _HOST_PORT.fullmatch(entry)
+        port = int(m.group("port") or default_port) if m else 0
+        if m is None or not 1 <= port <= 65535:
+            table.problem("hosts", f"{json.dumps(entry)} is not HOST or HOST:PORT", fix_of(HOSTS))
+        else:
+            targets.append((m.group("v6") or m.group("host"), port))
+    return targets
+
+
+def _oauth(name: str, table: Table, for_oauth_setup: bool) -> OAuthConfig:
+    oauth = replace(table.read(OAuthConfig), client_secret=_secret(table, _CLIENT_SECRET))
+    if oauth.grant == "refresh_token":
+        if "refresh_token_file" not in table.data:
+            table.problem(
+                "refresh_token_file",
+                'missing: grant = "refresh_token" needs a file to keep the refresh token in',
+                'set it, such as "/var/lib/relayproxy/NAME.refresh-token", and sign in with: relayproxy oauth NAME',
+            )
+        elif oauth.refresh_token_file is not None:
+            _check_refresh_token_file(name, table, oauth.refresh_token_file, for_oauth_setup)
+        return oauth
+    if not any(key in table.data for key in _CLIENT_SECRET.names):
+        what = 'missing: grant = "client_credentials" authenticates the application with its client secret'
+        table.problem("client_secret_file", what, "set client_secret_file or client_secret_credential")
+    if "scope" not in table.data:
+        what = 'missing: grant = "client_credentials" needs the resource\'s scope'
+        table.problem("scope", what, 'for Microsoft 365 write scope = "https://outlook.office365.com/.default"')
+    for key in ("refresh_token_file", "device_authorization_url"):
+        if key in table.data:
+            table.problem(key, 'not used with grant = "client_credentials"', 'remove it, or set grant = "refresh_token"')
+    return replace(oauth, refresh_token_file=None, device_authorization_url=None)
+
+
+def _check_refresh_token_file(name: str, table: Table, path: Path, for_oauth_setup: bool) -> None:
+    key, directory = "refresh_token_file", path.parent
+    # The proxy replaces the file when the provider rotates the token, which needs a writable directory.
+    if not directory.is_dir():
+        fix = "create it, writable by the relayproxy user (systemd: StateDirectory=relayproxy makes /var/lib/relayproxy)"
+        table.problem(key, f"the directory {directory} does not exist", fix)
+        return
+    if not os.access(directory, os.W_OK):
+        what = f"the directory {directory} is not writable, so a rotated refresh token could not be saved"
+        table.problem(key, what, "use a directory the relayproxy user may write, such as /var/lib/relayproxy")
+    sign_in = f"sign in with: relayproxy oauth {name} --config {table.source.file}"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if not for_oauth_setup:
+            table.problem(key, f"{path} does not exist", sign_in)
+        return
+    except OSError as e:
+        table.problem(key, f"cannot read {path}: {e.strerror}", "check that the relayproxy user may read it")
+        return
+    if not for_oauth_setup:
+        _secret_text(table, key, data, str(path), sign_in)
+
+
+_SOURCE_FIXES = {
+    "file": "write the path of a file holding the {what}",
+    "env": "write the name of an environment variable",
+    "credential": "write the NAME of the unit's LoadCredential=NAME:PATH",
+}
+
+
+def _secret(table: Table, secret: Setting) -> str | None:
+    """The secret from whichever one of its sources (``*_file``, ``*_env``, ``*_credential``) is set."""
+    present = [key for key in secret.names if key in table.data]
+    for key in present[1:]:
+        table.problem(key, f"set together with {present[0]}", "set only one of them")
+    if len(present) != 1:
+        return None
+    key, what = present[0], secret.name.replace("_", " ")
+    kind = key.removeprefix(secret.name + "_")
+    value: str | None = table.value(Setting(key, str | None, default=None, fix=_SOURCE_FIXES[kind].format(what=what)))
+    if value is None:
+        return None
+    if kind == "env":
+        if not table.source.environ.get(value):
+            table.problem(key, f"the environment variable {value} is not set or empty", "set it in the environment relayproxy starts with")
+        return table.source.environ.get(value) or None
+    if kind == "file":
+        path = table.source.base / value
+        data = table.read_file(key, path)
+        return None if data is None else _secret_text(table, key, data, str(path), f"write the {what} into it")
+    # A systemd credential: the unit's LoadCredential=NAME:PATH puts it in $CREDENTIALS_DIRECTORY/NAME.
+    load = f"LoadCredential={value}:/path/to/secret"
+    directory = table.source.environ.get("CREDENTIALS_DIRECTORY")
+    if "/" in value or value in (".", ".."):
+        table.problem(key, f"{json.dumps(value)} is no credential name", "write the NAME of LoadCredential=NAME:PATH")
+    elif not directory:
+        what_is_wrong = f"CREDENTIALS_DIRECTORY is not set, so there is no systemd credential {json.dumps(value)}"
+        table.problem(key, what_is_wrong, f"start relayproxy from a systemd unit with {load}, or use {secret.name}_file")
+    elif not (Path(directory) / value).exists():
+        table.problem(key, f"there is no credential {json.dumps(value)} in {directory}", f"add {load} to the unit")
+    else:
+        path = Path(directory) / value
+        data = table.read_file(key, path, "check the unit's LoadCredential line")
+        return None if data is None else _secret_text(table, key, data, str(path), f"write the {what} into the file of {load}")
+    return None
+
+
+def _secret_text(table: Table, key: str, data: bytes, source: str, fix: str) -> str | None:
+    """One line of UTF-8 text, as secrets are stored; the secret itself never enters a problem."""
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        table.problem(key, f"{source} is not UTF-8 text", fix)
+        return None
+    if not text:
+        table.problem(key, f"{source} is empty", fix)
+    return text or None
+
+
+def _users(outer: Table, upstreams: Mapping[str, UpstreamConfig], user_names: frozenset[str]) -> dict[str, UserConfig]:
+    users = {}
+    for name, table in outer.subtables():
+        table.check_known(key_names(UserConfig))
+        user = users[name] = table.read(UserConfig, name=name)
+        if upstreams and user.upstream not in upstreams:
+            fix = f"name one of the configured upstreams ({', '.join(upstreams)}) or add that section"
+            table.problem("upstream", f"no [upstream.{user.upstream}] section", fix)
+    if upstreams and DEFAULT_UPSTREAM not in upstreams:
+        for name in sorted(user_names - users.keys()):
+            outer.problem(
+                name,
+                f"user {name} from the users file has no [users.{name}] section and there is no "
+                f"[upstream.{DEFAULT_UPSTREAM}] to route it to",
+                f'add [users.{name}] with upstream = "NAME" or an [upstream.{DEFAULT_UPSTREAM}] section',
+            )
+    return users
+
+
+def _limits(table: Table) -> LimitsConfig:
+    table.check_known(key_names(LimitsConfig))
+    limits = table.read(LimitsConfig)
+    if "max_unauthenticated" not in table.data:
+        return replace(limits, max_unauthenticated=max(1, min(limits.max_unauthenticated, limits.max_connections // 2)))
+    if limits.max_unauthenticated >= limits.max_connections:
+        table.problem(
+            "max_unauthenticated",
+            f"{limits.max_unauthenticated} leaves no slot of max_connections ({limits.max_connections}) to authenticated sessions",
+            "make it smaller than max_connections, so clients that never log in cannot lock out those that do",
+        )
+    return limits
