@@ -33,7 +33,8 @@ class Pool:
         while self._idle:
             connection = next((c for c in reversed(self._idle) if c.client is None), self._idle[-1])
             if self._take(connection):
-                connection.owes_reset = True
+                # Unless the RSET is on its way already (a client left mid-envelope).
+                connection.owes_reset = connection.reset_reply is None
                 connection.client = client
                 return connection
         return None
