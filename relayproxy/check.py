@@ -1,4 +1,5 @@
-"""`relayproxy check`: prove every upstream works with the central credentials, send no mail."""
+"""`relayproxy check`: prove every upstream works with the central credentials, send no mail;
+with --offline, only that the configuration and the users file can be used."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ def check_users(config: Config, say: Callable[[str], None]) -> None:
     for name in unused:
         say(f"warn upstream {name}: no user is routed to it")
     say(f"ok   users file {config.auth.users_file}: {len(users)} user(s)")
+
+
+def summary(config: Config) -> str:
+    """What an offline check found usable; load_config has checked everything a file can say."""
+    return (
+        f"ok   configuration {config.path}: {len(config.listeners)} listener(s), {len(config.upstreams)} upstream(s) "
+        f"({', '.join(config.upstreams)}), {len(config.users)} [users] section(s); no connection made (--offline)"
+    )

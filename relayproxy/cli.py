@@ -54,22 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser(
         "check",
-        help="test every upstream with the central credentials (sends no mail)",
+        help="validate the configuration, then test every upstream with the central credentials (sends no mail)",
         description=(
             "Validate the configuration and the users file, then connect to every upstream: EHLO, "
             "TLS (prints the version and the certificate's subject and expiry), AUTH with the "
             "central credentials, QUIT. One line per upstream, with a hint under each failure. "
-            "Exit status 0 when all upstreams work, 1 when any fails, 2 for a bad configuration."
+            "Exit status 0 when all upstreams work, 1 when any fails, 2 for a bad configuration. "
+            "With --offline only the configuration and the users file are checked, connecting nowhere "
+            "(for CI and configuration management): exit status 0 or 2."
         ),
     )
     check.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the configuration file (default: %(default)s)")
+    check.add_argument("--offline", action="store_true", help="check the files only: no upstream, Redis or token endpoint is contacted")
     check.set_defaults(func=_check)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from twisted.internet import task
-
-    from relayproxy.check import check_upstreams, check_users
+    from relayproxy.check import check_users, summary
 
     try:
         config = load_config(args.config)
@@ -78,6 +79,14 @@ def _check(args: argparse.Namespace) -> int:
             print(f"relayproxy: {problem}", file=sys.stderr)
         return 2
     check_users(config, print)
+    if args.offline:
+        print(summary(config))
+        return 0
+    # Only now: an offline check needs no reactor.
+    from twisted.internet import task
+
+    from relayproxy.check import check_upstreams
+
     failed: list[int] = []
 
     async def run(reactor: Any) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import SmarthostFactory
 from harness import PKI, Smarthost, free_port, smarthost_upstream, write_config
 from test_twistd import environment
+
+from relayproxy.config.schema import key_names
+from relayproxy.config.sections import TABLES
 
 
 def check(config: Path) -> subprocess.CompletedProcess[str]:
@@ -59,3 +64,68 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
     result = check(config)
     assert result.returncode == 2
     assert "server.hostname" in result.stderr
+
+
+def check_offline(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relayproxy", "check", "--offline", "--config", str(config)],
+        env=environment(), capture_output=True, text=True, timeout=60,
+    )
+
+
+def xoauth2_upstream(name: str, secret_file: Path) -> str:
+    """An xoauth2 upstream whose token endpoint nothing serves."""
+    secret_file.write_text("client-secret\n")
+    return f"""
+[upstream.{name}]
+host = "smtp.office365.com"
+auth = "xoauth2"
+username = "alerts@example.org"
+token_url = "https://127.0.0.1:{free_port()}/token"
+client_id = "client-1"
+grant = "client_credentials"
+client_secret_file = "{secret_file}"
+scope = "https://outlook.office365.com/.default"
+"""
+
+
+def test_offline_validates_without_connecting(tmp_path: Path, pki: PKI) -> None:
+    # An upstream that would accept a connection, and a Redis store and a token endpoint that would
+    # not: an offline check must try none of them.
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        port = upstream.getsockname()[1]
+        config, _ = write_config(
+            tmp_path, pki,
+            f'[upstream.default]\nhost = "127.0.0.1"\nport = {port}\ntls = "none"\n'
+            + xoauth2_upstream("m365", tmp_path / "client-secret"),
+            extra=f'[users.printer]\nupstream = "m365"\n\n[limits]\nstore = "redis://127.0.0.1:{free_port()}/0"\n',
+        )
+        result = check_offline(config)
+        upstream.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            upstream.accept()
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert f"ok   users file {tmp_path / 'users'}: 1 user(s)" in lines
+    assert lines[-1] == (
+        f"ok   configuration {config}: 3 listener(s), 2 upstream(s) (default, m365), 1 [users] section(s); "
+        "no connection made (--offline)"
+    )
+    assert "warn user printer: has a [users.printer] section but no entry in" in result.stdout
+    assert result.stderr == ""
+
+
+def test_offline_bad_config_exits_2_with_every_problem(tmp_path: Path, pki: PKI) -> None:
+    config, _ = write_config(tmp_path, pki, '[upstream.default]\nhost = "smtp.example.com"\nprot = 25\n', extra="[limits]\nmax_connections = 0\n")
+    (tmp_path / "users").write_text("alice:not-a-hash\n")
+    result = check_offline(config)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"relayproxy: {config}: auth.users_file: {tmp_path / 'users'}:1: the hash of user alice is not bcrypt ($2a$, $2b$ or $2y$); "
+        "set the password again with: relayproxy passwd add alice",
+        f"relayproxy: {config}: upstream.default.prot: unknown key; remove it or check the spelling (known keys: "
+        + ", ".join(key_names(*TABLES["upstream.NAME"])) + ")",
+        f"relayproxy: {config}: limits.max_connections: expected an integer from 1 to 1000000000, got 0; "
+        "write a whole number of at least 1",
+    ]
