@@ -129,3 +129,25 @@ def test_offline_bad_config_exits_2_with_every_problem(tmp_path: Path, pki: PKI)
         f"relayproxy: {config}: limits.max_connections: expected an integer from 1 to 1000000000, got 0; "
         "write a whole number of at least 1",
     ]
+
+
+def test_an_ip_literal_host_is_checked_against_the_certificates_ip_addresses(
+    tmp_path: Path, pki: PKI, make_smarthost: SmarthostFactory
+) -> None:
+    by_address = make_smarthost(hostname="127.0.0.1")
+    # Its certificate names localhost only, not the address the proxy dials.
+    by_name = make_smarthost()
+    config, _ = write_config(
+        tmp_path, pki,
+        smarthost_upstream(by_address, pki) + smarthost_upstream(by_name, pki, name="by_name").replace('"localhost"', '"127.0.0.1"'),
+    )
+    result = check(config)
+    lines = result.stdout.splitlines()
+    [ok] = [line for line in lines if "upstream default" in line]
+    assert ok.startswith(f"ok   upstream default 127.0.0.1:{by_address.port} (starttls): TLSv1.3, certificate "), ok
+    assert ok.endswith("authenticated as central@example.com")
+    [failed] = [line for line in lines if line.startswith("FAIL upstream by_name ")]
+    assert failed.startswith(f"FAIL upstream by_name 127.0.0.1:{by_name.port} (starttls): TLS with 127.0.0.1:{by_name.port} failed: ")
+    assert "IPAddressMismatch" in failed
+    assert result.returncode == 1
+    assert by_name.auth_attempts == []
