@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from relayproxy.config import Config
+from relayproxy.config import Config, UpstreamConfig
 from relayproxy.usersfile import read_users_file
 from relayproxy.errors import UpstreamError
 from relayproxy.explain import upstream_failure_hint
+from relayproxy.oauth import TokenError, TokenSource
 from relayproxy.upstream.connector import Connector
 
 
@@ -17,6 +18,9 @@ async def check_upstreams(config: Config, reactor: Any, say: Callable[[str], Non
     """One line per upstream; the number of upstreams that failed."""
     failed = 0
     for name, upstream in config.upstreams.items():
+        if upstream.kind == "graph":
+            failed += not await _check_graph(upstream, reactor, say)
+            continue
         where = f"{upstream.host}:{upstream.port} ({upstream.tls})"
         try:
             connection = await Connector(reactor, upstream, config.server.hostname).open()
@@ -29,6 +33,21 @@ async def check_upstreams(config: Config, reactor: Any, say: Callable[[str], Non
         say(f"ok   upstream {name} {where}: {connection.tls_description()}; {authenticated}")
         connection.close()
     return failed
+
+
+async def _check_graph(upstream: UpstreamConfig, reactor: Any, say: Callable[[str], None]) -> bool:
+    """A Graph upstream works when its app gets a token; sending needs Mail.Send, which only a
+    message shows (a 403 names it)."""
+    where = f"graph {upstream.graph_url} as {upstream.username}"
+    try:
+        await TokenSource(reactor, upstream).token()
+    except TokenError as e:
+        say(f"FAIL upstream {upstream.name} {where}: {e.detail}")
+        say("     hint: check token_url, client_id and the client secret of the app registration (and that it is not expired)")
+        return False
+    assert upstream.oauth is not None
+    say(f"ok   upstream {upstream.name} {where}: access token from {upstream.oauth.token_url}")
+    return True
 
 
 def check_users(config: Config, say: Callable[[str], None]) -> None:

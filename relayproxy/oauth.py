@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -39,6 +39,7 @@ from relayproxy.config import OAuthConfig, UpstreamConfig
 from relayproxy.errors import RelayProxyError
 from relayproxy.files import write_private_file
 from relayproxy.logs import EventLog
+from relayproxy.trust import trust_root
 
 log = EventLog("relayproxy.oauth")
 
@@ -116,9 +117,7 @@ class _Endpoints:
         self.oauth: OAuthConfig = upstream.oauth
         self._reactor = reactor
         self._timeout = timeout
-        trust = None
-        if self.oauth.token_ca_file is not None:
-            trust = ssl.trustRootFromCertificates(_load_certificates(self.oauth.token_ca_file.read_bytes()))  # type: ignore[no-untyped-call]
+        trust = trust_root(self.oauth.token_ca_file)
         # BrowserLikePolicyForHTTPS verifies the chain and the host name; None means the system's trust.
         self._agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))  # type: ignore[no-untyped-call]
 
@@ -220,11 +219,6 @@ def _clean(text: str) -> str:
     """Provider or library text made safe for one log line."""
     printable = "".join(c if c.isprintable() else " " for c in text)
     return printable if len(printable) <= _MAX_TEXT else printable[:_MAX_TEXT] + "…"
-
-
-def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
-    marker = b"-----END CERTIFICATE-----"
-    return [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"-----BEGIN" in part]
 
 
 def _number(value: object, default: float) -> float:

@@ -31,6 +31,7 @@ from relayproxy.prometheus import PrometheusMetrics, metrics_service
 from relayproxy.proxyprotocol import listener_service
 from relayproxy.server import ServerSettings, SMTPServerFactory
 from relayproxy.store import open_store
+from relayproxy.upstream.graph import GraphUpstream
 from relayproxy.upstream.smtp import SMTPUpstream
 from zope.interface import implementer
 
@@ -122,7 +123,7 @@ class _Listener:
     service: ListenerService
 
 
-Shared = tuple[Portal, dict[str, SMTPUpstream]]
+Shared = tuple[Portal, dict[str, SMTPUpstream | GraphUpstream]]
 
 
 class RelayService(MultiService):
@@ -150,7 +151,7 @@ class RelayService(MultiService):
         self._connections = ConnectionCounter(config.limits)
         # "auth ok" for a user and address once an hour: an app logging in all day is not news.
         self._logins = FirstSeen(reactor, 3600)
-        self._upstreams: dict[str, SMTPUpstream] = {}
+        self._upstreams: dict[str, SMTPUpstream | GraphUpstream] = {}
         shared = self._shared(config)
         self._upstreams = shared[1]
         self._listeners = [self._listener(config, listener, shared, self._tls) for listener in config.listeners]
@@ -176,14 +177,16 @@ class RelayService(MultiService):
     def _shared(self, config: Config) -> Shared:
         """The portal and the upstreams for ``config``; nothing in force changes yet."""
         portal = make_portal(config, lambda f: threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f))
-        upstreams = {}
+        upstreams: dict[str, SMTPUpstream | GraphUpstream] = {}
         for name, upstream in config.upstreams.items():
             old = self._upstreams.get(name)
             # An unchanged upstream is kept (and so its pool, cached tokens and TLS context).
-            upstreams[name] = (
-                old if old is not None and old.config == upstream
-                else SMTPUpstream(self._reactor, upstream, config.server.hostname, self.metrics)
-            )
+            if old is not None and old.config == upstream:
+                upstreams[name] = old
+            elif upstream.kind == "graph":
+                upstreams[name] = GraphUpstream(self._reactor, upstream)
+            else:
+                upstreams[name] = SMTPUpstream(self._reactor, upstream, config.server.hostname, self.metrics)
         return portal, upstreams
 
     def _settings(self, config: Config, listener: ListenerConfig, shared: Shared, tls: ReloadableServerTLS | None) -> ServerSettings:

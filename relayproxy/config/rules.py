@@ -182,6 +182,10 @@ _CLIENT_SECRET = settings(OAuthConfig)["client_secret"]
 def _upstream(name: str, table: Table, for_oauth_setup: bool) -> UpstreamConfig:
     table.check_known(key_names(*TABLES["upstream.NAME"]))
     upstream = table.read(UpstreamConfig, name=name)
+    if upstream.kind == "graph":
+        return _graph(table, upstream)
+    if "graph_url" in table.data:
+        table.problem("graph_url", 'only used with kind = "graph"', 'set kind = "graph" or remove it')
     default_port = {"implicit": 465, "starttls": 587, "none": 25}[upstream.tls]
     if "hosts" in table.data:
         for key in ("host", "port"):
@@ -226,6 +230,29 @@ def _upstream(name: str, table: Table, for_oauth_setup: bool) -> UpstreamConfig:
             )
     host, port = targets[0] if targets else ("", default_port)
     return replace(upstream, host=host, port=port, fallbacks=tuple(targets[1:]), password=password, oauth=oauth)
+
+
+_GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+_NOT_FOR_GRAPH = (
+    "host", "hosts", "port", "tls", "helo_name", "auth", "envelope_from", "header_from", "pool_size", "pool_idle_timeout",
+    "connect_timeout", "reply_timeout", "grant", "refresh_token_file", "device_authorization_url", "token_ca_file", *_PASSWORD.names,
+)
+
+
+def _graph(table: Table, upstream: UpstreamConfig) -> UpstreamConfig:
+    """kind = "graph": app-only sign-in (client credentials) for the mailbox that sends."""
+    for key in _NOT_FOR_GRAPH:
+        if key in table.data:
+            table.problem(key, 'not used with kind = "graph"', 'remove it (Graph sends as the mailbox in username, over HTTPS)')
+    if "username" not in table.data:
+        table.problem("username", 'missing: kind = "graph" sends as a mailbox', 'set username to the mailbox, such as "alerts@example.org"')
+    oauth = replace(table.read(OAuthConfig), client_secret=_secret(table, _CLIENT_SECRET))
+    if not any(key in table.data for key in _CLIENT_SECRET.names):
+        what = 'missing: kind = "graph" signs in as the application with its client secret'
+        table.problem("client_secret_file", what, "set client_secret_file or client_secret_credential")
+    # ca_file serves both Graph and the token endpoint: one provider, one trust.
+    oauth = replace(oauth, grant="client_credentials", scope=oauth.scope or _GRAPH_SCOPE, token_ca_file=upstream.ca_file)
+    return replace(upstream, host="", port=443, tls="implicit", auth="xoauth2", oauth=oauth, pool_size=0)
 
 
 _HOST_PORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+))(?::(?P<port>\d{1,5}))?")

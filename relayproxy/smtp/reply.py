@@ -271,6 +271,10 @@ class Catalogue:
         return composed(250, "2.0.0", f"Ok: queued as {_shown(request_id)}")
 
     @staticmethod
+    def graph_too_big(name: str) -> Reply:
+        return composed(552, "5.3.4", f"Message too big for Microsoft Graph's 4 MB request limit (upstream {name})")
+
+    @staticmethod
     def graph_throttled(name: str, seconds: int | None) -> Reply:
         return composed(451, "4.7.0", f"Microsoft Graph throttles upstream {name}, {_again(seconds)}")
 
@@ -280,11 +284,11 @@ class Catalogue:
 
     @staticmethod
     def graph_send_as_denied(name: str) -> Reply:
-        return composed(550, "5.7.1", f"Microsoft Graph: the mailbox of upstream {name} may not send as this sender (ErrorSendAsDenied)")
+        return composed(550, "5.7.60", f"Microsoft Graph: the mailbox of upstream {name} may not send as this sender (ErrorSendAsDenied)")
 
     @staticmethod
     def graph_access_denied(name: str) -> Reply:
-        return composed(550, "5.7.1", f"Microsoft Graph denied upstream {name} access to its mailbox (Mail.Send permission or access policy)")
+        return composed(550, "5.7.0", f"Microsoft Graph denied upstream {name} access to its mailbox (Mail.Send permission or access policy)")
 
     @staticmethod
     def graph_refused(name: str, status: int, code: str) -> Reply:

@@ -1,0 +1,167 @@
+"""Microsoft Graph as an upstream, through a running proxy, against the Graph stand-in.
+
+A client sees 354 only once the proxy holds a token, the reply to its final dot is Graph's verdict
+(202 as 250 with Graph's request id, each error as its Catalogue reply), and exactly the envelope's
+recipients receive the message.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from pathlib import Path
+
+import pytest
+from conftest import ProxyFactory
+from graph_standin import (
+    GraphStandIn, access_denied, gateway_timeout, hang, invalid_recipients, request_too_large, send_as_denied,
+    throttled, unavailable,
+)
+from harness import CLIENT_USER, PKI, login, write_config
+from test_check import check
+
+from relayproxy.smtp.reply import Catalogue, Reply
+
+ROUTE = f'[users.{CLIENT_USER}]\nupstream = "m365"\n'
+MAILBOX = "alerts@example.org"
+
+
+def graph_proxy(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, extra: str = "") -> int:
+    return make_proxy(graph.upstream_toml(tmp_path, extra=extra), extra=ROUTE).port
+
+
+def message(headers: str = f"From: Alerts <{MAILBOX}>\r\nTo: Alice <alice@example.net>", body: str = "disk 91% full") -> bytes:
+    return f"{headers}\r\nSubject: alert\r\n\r\n{body}\r\n".encode()
+
+
+def send(port: int, pki: PKI, recipients: list[str], data: bytes) -> tuple[int, bytes]:
+    smtp = login(port, pki)
+    try:
+        assert smtp.mail(MAILBOX)[0] == 250
+        for recipient in recipients:
+            assert smtp.rcpt(recipient)[0] == 250
+        return smtp.data(data)
+    finally:
+        smtp.close()
+
+
+def status(reply: Reply) -> tuple[int, bytes]:
+    wire = reply.to_bytes().decode()
+    return reply.code, wire[4:].rstrip("\r\n").encode()
+
+
+def test_a_message_through_graph(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    code, text = send(port, pki, ["alice@example.net", "bob@example.net"], message())
+    [delivery] = graph.deliveries
+    assert (code, text) == (250, f"2.0.0 Ok: queued as {delivery.request_id}".encode())
+    assert delivery.via == "sendMail" and delivery.mailbox == MAILBOX
+    # bob was in the envelope, not in the header: he receives it as Bcc.
+    assert delivery.recipients == ["alice@example.net", "bob@example.net"]
+    assert delivery.bcc == ["bob@example.net"]
+    assert delivery.message is not None and delivery.message["Subject"] == "alert"
+    assert delivery.raw is not None and delivery.raw.endswith(b"disk 91% full\r\n")
+
+
+def test_a_header_recipient_the_client_did_not_rcpt_receives_nothing(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI
+) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    headers = f"From: {MAILBOX}\r\nTo: alice@example.net, mallory@example.net\r\nCc: eve@example.net"
+    assert send(port, pki, ["alice@example.net"], message(headers))[0] == 250
+    [delivery] = graph.deliveries
+    assert delivery.recipients == ["alice@example.net"]
+    assert delivery.raw is not None and b"mallory" not in delivery.raw and b"eve@" not in delivery.raw
+
+
+def test_dot_stuffed_lines_arrive_as_written(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    assert send(port, pki, ["alice@example.net"], message(body=".\r\n..two dots\r\n.one"))[0] == 250
+    [delivery] = graph.deliveries
+    assert delivery.raw is not None and delivery.raw.endswith(b"\r\n.\r\n..two dots\r\n.one\r\n")
+
+
+def test_a_large_message_is_held_on_disk_and_arrives_whole(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    body = "\r\n".join(f"{i:08d} " + "x" * 70 for i in range(25_000))
+    assert send(port, pki, ["alice@example.net"], message(body=body))[0] == 250
+    [delivery] = graph.deliveries
+    assert delivery.raw is not None and delivery.raw.endswith(body.encode() + b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "answer,expected",
+    [
+        (throttled(12), Catalogue.graph_throttled("m365", 12)),
+        (unavailable(30), Catalogue.graph_unavailable("m365", 503, 30)),
+        (gateway_timeout(), Catalogue.graph_unavailable("m365", 504, None)),
+        (send_as_denied(), Catalogue.graph_send_as_denied("m365")),
+        (access_denied(), Catalogue.graph_access_denied("m365")),
+        (invalid_recipients(), Catalogue.GRAPH_INVALID_RECIPIENTS),
+        (request_too_large(), Catalogue.MESSAGE_TOO_BIG),
+    ],
+    ids=["429", "503", "504", "send-as", "access", "recipients", "413"],
+)
+def test_graph_errors_are_precise_replies(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI, answer: object, expected: Reply, log_lines: list[str]
+) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    graph.script("sendMail", answer)  # type: ignore[arg-type]
+    assert send(port, pki, ["alice@example.net"], message()) == status(expected)
+    assert graph.deliveries == []
+    [line] = [line for line in log_lines if line.startswith("message ")]
+    assert 'outcome="refused by upstream"' in line
+
+
+def test_no_354_without_a_token(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    graph.client_secret = "not-the-secret-the-proxy-has"
+    smtp = login(port, pki)
+    assert smtp.mail(MAILBOX)[0] == 250
+    assert smtp.rcpt("alice@example.net")[0] == 250
+    code, text = smtp.docmd("DATA")
+    smtp.close()
+    assert (code, text) == status(Catalogue.upstream_token_failed("m365"))
+
+
+def test_a_revoked_token_is_replaced_once(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    assert send(port, pki, ["alice@example.net"], message())[0] == 250
+    graph.revoke_tokens()
+    assert send(port, pki, ["alice@example.net"], message())[0] == 250
+    assert len(graph.deliveries) == 2 and len(graph.token_requests()) == 2
+
+
+def test_graph_that_never_answers_gives_a_4xx(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path, extra="data_timeout = 1")
+    graph.script("sendMail", hang())
+    code, text = send(port, pki, ["alice@example.net"], message())
+    assert code == 451 and re.match(rb"4\.4\.\d ", text)
+
+
+def test_a_message_over_graphs_request_limit(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    body = "\r\n".join("y" * 76 for _ in range(45_000))
+    assert send(port, pki, ["alice@example.net"], message(body=body)) == status(Catalogue.graph_too_big("m365"))
+    assert graph.deliveries == []
+
+
+def test_smtplib_sendmail_sees_graphs_verdict(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    graph.script("sendMail", throttled(5))
+    smtp = login(port, pki)
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        smtp.sendmail(MAILBOX, ["alice@example.net"], message())
+    assert refused.value.smtp_code == 451
+
+
+def test_check_gets_a_token_for_a_graph_upstream(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    config, _ = write_config(tmp_path, pki, graph.upstream_toml(tmp_path, name="default"))
+    result = check(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = [line for line in result.stdout.splitlines() if "upstream default" in line]
+    assert line == f"ok   upstream default graph {graph.base_url} as {MAILBOX}: access token from {graph.token_url}"
+    graph.client_secret = "changed-in-the-portal"
+    result = check(config)
+    assert result.returncode == 1
+    assert "FAIL upstream default graph" in result.stdout and "AADSTS7000215" in result.stdout
