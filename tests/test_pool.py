@@ -191,6 +191,19 @@ def test_kept_session_over_its_message_limit_is_replaced(make_proxy: ProxyFactor
     assert len(upstream.sessions) == 2
 
 
+def test_max_messages_per_session_ends_a_session_after_that_many(make_proxy: ProxyFactory, upstream: ScriptedUpstream) -> None:
+    """For a smarthost that stops delivering at once after so many messages on one connection (Exim's
+    smtp_accept_queue_per_connection): the session ends with QUIT and the next message gets a new one."""
+    proxy = make_proxy(pooled(upstream, "max_messages_per_session = 2\n"))
+    raw = logged_in(proxy)
+    for _ in range(5):
+        send_one(raw)
+    wait_for(lambda: upstream.closed == 2)
+    assert [bytes(session).count(b"DATA\r\n") for session in upstream.sessions] == [2, 2, 1]
+    assert all(bytes(session).endswith(b"QUIT\r\n") for session in upstream.sessions[:2])
+    raw.close()
+
+
 def test_session_with_a_stray_partial_reply_is_not_reused(make_proxy: ProxyFactory, make_upstream: UpstreamFactory) -> None:
     # A continuation line nobody asked for would merge into the next reply: the session is dropped.
     upstream = make_upstream({"DATA-END": b"250 2.0.0 Ok: queued as REC1\r\n250-stray continuation\r\n"})

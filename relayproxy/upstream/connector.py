@@ -23,7 +23,6 @@ from relayproxy.smtp.client import Command, Handshake, Login, NeedToken, Refused
 from relayproxy.smtp.reply import Catalogue, Reply, ReplyError
 from relayproxy.upstream.failures import setup_failed
 from relayproxy.upstream.protocol import Desync, Lost, Timeout, UpstreamProtocol
-from relayproxy.trust import trust_root
 
 log = EventLog("relayproxy.upstream")
 
@@ -37,6 +36,8 @@ class Connection:
         self.extensions = extensions
         self.used = False
         """It carried a MAIL before: if the next one fails, the upstream may just have dropped it while idle."""
+        self.messages = 0
+        """Transactions it carried to the end of data, counted against max_messages_per_session."""
         self.owes_reset = False
         """RSET goes before the next MAIL (handed to another client, or left mid-envelope)."""
         self.reset_reply: defer.Deferred[Reply | None] | None = None
@@ -102,7 +103,9 @@ class Connector:
         self._endpoint = endpoint or (lambda host, port: HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout))
         self.config = cfg = config
         self.metrics = metrics or NullMetrics()
-        trust = trust_root(cfg.ca_file)
+        trust = None
+        if cfg.ca_file is not None:
+            trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))  # type: ignore[no-untyped-call]
         self._targets = [
             _Target(host, port, ssl.optionsForClientTLS(host, trustRoot=trust))
             for host, port in ((cfg.host, cfg.port), *cfg.fallbacks)
@@ -216,3 +219,8 @@ _REFUSALS = {
     "tls": Catalogue.upstream_tls_failed,
     "auth": Catalogue.upstream_auth_failed,
 }
+
+
+def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
+    marker = b"-----END CERTIFICATE-----"
+    return [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"-----BEGIN" in part]

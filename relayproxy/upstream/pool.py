@@ -50,13 +50,15 @@ class Pool:
         return False
 
     def put(self, connection: Connection) -> None:
-        """Keep a clean connection for the next transaction; anything doubtful is closed.
+        """Keep a clean connection for the next transaction; anything doubtful is closed, and so is one
+        that has carried max_messages_per_session.
 
         While its client is connected, a kept connection is reserved for that client's next
         message (another client may still take it) and does not count against pool_size, which
         bounds the connections kept for whoever comes next.
         """
-        if not connection.usable or connection.in_transaction:
+        limit = self._config.max_messages_per_session
+        if not connection.usable or connection.in_transaction or (limit is not None and connection.messages >= limit):
             connection.close()
             return
         if connection.pool_timeout is None:

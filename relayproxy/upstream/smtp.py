@@ -184,6 +184,7 @@ class SMTPSession:
         self.stream_from(None)
         self._in_body = False
         connection.in_transaction = False
+        connection.messages += 1
         # The last body bytes and the dot go in one write: one segment, no delayed-ACK stall.
         (waiter,) = connection.protocol.send([("end-of-data", last + b".")], connection.config.data_timeout)
         try:
