@@ -25,6 +25,7 @@ DEFAULT_UPSTREAM = "default"
 ListenerTLS = Literal["starttls", "implicit", "none"]
 UpstreamTLS = Literal["implicit", "starttls", "none"]
 UpstreamAuth = Literal["password", "xoauth2"]
+UpstreamKind = Literal["smtp", "graph"]
 OAuthGrant = Literal["refresh_token", "client_credentials"]
 LogFormat = Literal["text", "json"]
 TLSKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey | dsa.DSAPrivateKey
@@ -210,6 +211,12 @@ class UpstreamConfig:
         default=None, low=1, high=10**9, fix="write a number of messages such as 10, or remove the key for no limit"
     )
     """Messages one session carries before the proxy ends it with QUIT and opens a new one; None: no limit."""
+    kind: UpstreamKind = setting(default="smtp")
+    """How mail goes on: an SMTP smarthost, or Microsoft Graph's sendMail for the mailbox ``username``."""
+    graph_url: str = setting(
+        default="https://graph.microsoft.com/v1.0", parse=_https_url,
+        fix='write Microsoft Graph\'s base URL, such as "https://graph.microsoft.com/v1.0"',
+    )
 
 
 HOSTS = Setting("hosts", tuple[str, ...], default=(), fix='write a list such as ["smtp1.example.org:465", "smtp2.example.org:465"]')

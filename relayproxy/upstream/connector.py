@@ -23,6 +23,7 @@ from relayproxy.smtp.client import Command, Handshake, Login, NeedToken, Refused
 from relayproxy.smtp.reply import Catalogue, Reply, ReplyError
 from relayproxy.upstream.failures import setup_failed
 from relayproxy.upstream.protocol import Desync, Lost, Timeout, UpstreamProtocol
+from relayproxy.trust import trust_root
 
 log = EventLog("relayproxy.upstream")
 
@@ -103,9 +104,7 @@ class Connector:
         self._endpoint = endpoint or (lambda host, port: HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout))
         self.config = cfg = config
         self.metrics = metrics or NullMetrics()
-        trust = None
-        if cfg.ca_file is not None:
-            trust = ssl.trustRootFromCertificates(_load_certificates(cfg.ca_file.read_bytes()))  # type: ignore[no-untyped-call]
+        trust = trust_root(cfg.ca_file)
         self._targets = [
             _Target(host, port, ssl.optionsForClientTLS(host, trustRoot=trust))
             for host, port in ((cfg.host, cfg.port), *cfg.fallbacks)
@@ -219,8 +218,3 @@ _REFUSALS = {
     "tls": Catalogue.upstream_tls_failed,
     "auth": Catalogue.upstream_auth_failed,
 }
-
-
-def _load_certificates(pem: bytes) -> list[ssl.Certificate]:
-    marker = b"-----END CERTIFICATE-----"
-    return [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"-----BEGIN" in part]
