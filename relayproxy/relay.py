@@ -165,10 +165,6 @@ class Relay:
         return self._awaiting_verdict
 
     @property
-    def in_body(self) -> bool:
-        return self._in_body
-
-    @property
     def user(self) -> RelayUser | None:
         return self._user
 
