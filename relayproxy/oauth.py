@@ -291,6 +291,11 @@ class TokenSource:
         if token == self._access:
             self._access = None
 
+    @property
+    def expires_at(self) -> float | None:
+        """When the access token held expires, in the clock's seconds (None: no token held)."""
+        return self._expires_at if self._access is not None else None
+
     async def _refresh_for_waiters(self) -> None:
         outcome: str | Failure
         try:
