@@ -39,6 +39,7 @@ class Setting:
     tuple[str, ...] (an array of strings), each possibly ``| None``."""
 
     name: str = ""
+    """The TOML key; a field's setting may leave it empty for the field's own name."""
     hint: Any = None
     # dataclasses.MISSING: required. A factory, since a plain MISSING default would make this field required.
     default: Any = dataclasses.field(default_factory=lambda: dataclasses.MISSING)
