@@ -7,8 +7,10 @@ recipients receive the message.
 
 from __future__ import annotations
 
+import datetime
 import re
 import smtplib
+import time
 from pathlib import Path
 
 import pytest
@@ -155,13 +157,90 @@ def test_smtplib_sendmail_sees_graphs_verdict(make_proxy: ProxyFactory, graph: G
     assert refused.value.smtp_code == 451
 
 
-def test_check_gets_a_token_for_a_graph_upstream(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
-    config, _ = write_config(tmp_path, pki, graph.upstream_toml(tmp_path, name="default"))
+def graph_config(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> Path:
+    return write_config(tmp_path, pki, graph.upstream_toml(tmp_path, name="default"))[0]
+
+
+def graph_check(config: Path) -> tuple[int, list[str]]:
+    """``relayproxy check`` of the Graph upstream "default": its exit status and the lines about it."""
     result = check(config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    [line] = [line for line in result.stdout.splitlines() if "upstream default" in line]
-    assert line == f"ok   upstream default graph {graph.base_url} as {MAILBOX}: access token from {graph.token_url}"
+    lines = result.stdout.splitlines()
+    about = [line for line in lines if "upstream default" in line]
+    if about and about[0].startswith("FAIL"):
+        about += [line for line in lines[lines.index(about[0]) + 1 :] if line.startswith("     hint: ")][:1]
+    assert result.stderr == "", result.stderr
+    return result.returncode, about
+
+
+def expiry_of(line: str) -> float:
+    match = re.search(r"expires (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) \(in (\d+) min\)", line)
+    assert match, line
+    return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+
+
+def test_check_reads_mail_send_from_the_tokens_roles(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    graph.jwt_tokens = True
+    status, [line] = graph_check(graph_config(graph, tmp_path, pki))
+    assert status == 0, line
+    prefix = f"ok   upstream default graph {graph.base_url} as {MAILBOX}: access token from {graph.token_url}, "
+    assert line.startswith(prefix + "roles: Mail.Send, Mail.ReadWrite, expires "), line
+    assert line.endswith(" (in 60 min); no mail sent")
+    # The token's own exp claim, which the stand-in sets expires_in after issuing it.
+    assert abs(expiry_of(line) - (time.time() + graph.expires_in)) < 30
+    assert [seen.route for seen in graph.requests] == ["token"]
+    assert graph.deliveries == []
+
+
+@pytest.mark.parametrize(
+    "roles,held",
+    [(["Mail.ReadWrite", "User.Read.All"], "its roles are Mail.ReadWrite, User.Read.All"), ([], "it carries no roles (no application permission)")],
+    ids=["other-roles", "no-roles"],
+)
+def test_check_fails_a_token_without_mail_send(graph: GraphStandIn, tmp_path: Path, pki: PKI, roles: list[str], held: str) -> None:
+    graph.jwt_tokens = True
+    graph.roles = roles
+    status, [line, hint] = graph_check(graph_config(graph, tmp_path, pki))
+    assert status == 1
+    assert line.startswith(
+        f"FAIL upstream default graph {graph.base_url} as {MAILBOX}: the access token from {graph.token_url} "
+        f"lacks Mail.Send: {held}; expires "
+    ), line
+    assert hint.startswith("     hint: grant the app the application permission Mail.Send with admin consent: Entra admin center, ")
+    assert "application access policy" in hint and "Test-ServicePrincipalAuthorization" in hint
+    assert graph.requests_to("sendMail") == []
+
+
+def test_check_says_an_opaque_tokens_roles_cannot_be_read(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    status, [line] = graph_check(graph_config(graph, tmp_path, pki))
+    assert status == 0, line
+    assert line.startswith(f"ok   upstream default graph {graph.base_url} as {MAILBOX}: access token from {graph.token_url}, expires ")
+    # No exp claim to read: the lifetime the token endpoint gave (expires_in), counted from the request.
+    assert abs(expiry_of(line) - (time.time() + graph.expires_in)) < 30
+    assert line.endswith(
+        "; its roles cannot be read (the token is not a JWT), so only a message shows whether the app may send (Mail.Send)"
+    )
+
+
+def test_check_names_a_wrong_client_secret_with_its_fix(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    config = graph_config(graph, tmp_path, pki)
     graph.client_secret = "changed-in-the-portal"
-    result = check(config)
-    assert result.returncode == 1
-    assert "FAIL upstream default graph" in result.stdout and "AADSTS7000215" in result.stdout
+    status, [line, hint] = graph_check(config)
+    assert status == 1
+    assert line.startswith(f"FAIL upstream default graph {graph.base_url} as {MAILBOX}: upstream default: {graph.token_url}: refused (HTTP 401): ")
+    assert "AADSTS7000215" in line and "changed-in-the-portal" not in line and "graph-client-secret" not in line
+    assert hint.startswith("     hint: the client secret is wrong: copy the secret's Value (not its Secret ID)")
+
+
+def test_check_says_when_the_token_endpoint_does_not_answer(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    config = graph_config(graph, tmp_path, pki)
+    base_url, token_url = graph.base_url, graph.token_url
+    graph.stop()
+    status, [line, hint] = graph_check(config)
+    graph.start()  # for the fixture's stop
+    assert status == 1
+    assert line.startswith(f"FAIL upstream default graph {base_url} as {MAILBOX}: upstream default: {token_url}: request failed: "), line
+    assert "Connection refused" in line
+    assert hint == (
+        "     hint: the token endpoint could not be reached or did not answer: check token_url, "
+        "this host's route to it, and ca_file if one is set"
+    )
