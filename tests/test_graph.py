@@ -7,22 +7,27 @@ recipients receive the message.
 
 from __future__ import annotations
 
+import base64
 import datetime
+import email.policy
+import random
 import re
 import smtplib
 import time
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from conftest import ProxyFactory
 from graph_standin import (
-    GraphStandIn, access_denied, gateway_timeout, hang, invalid_recipients, request_too_large, send_as_denied,
+    Answer, GraphStandIn, access_denied, drop, gateway_timeout, hang, invalid_recipients, request_too_large, send_as_denied,
     throttled, unavailable,
 )
 from harness import CLIENT_USER, PKI, login, write_config
 from test_check import check
 
 from relayproxy.smtp.reply import Catalogue, Reply
+from relayproxy.upstream import graph as graph_upstream
 
 ROUTE = f'[users.{CLIENT_USER}]\nupstream = "m365"\n'
 MAILBOX = "alerts@example.org"
@@ -244,3 +249,107 @@ def test_check_says_when_the_token_endpoint_does_not_answer(graph: GraphStandIn,
         "     hint: the token endpoint could not be reached or did not answer: check token_url, "
         "this host's route to it, and ca_file if one is set"
     )
+
+
+def pdf_like(size: int, seed: int) -> bytes:
+    """Incompressible bytes that start like a PDF."""
+    return (b"%PDF-1.7\n" + random.Random(seed).randbytes(size))[:size]
+
+
+def with_attachments(text: str, *files: tuple[str, bytes]) -> bytes:
+    mail = EmailMessage(policy=email.policy.SMTP)
+    mail["From"] = f"Alerts <{MAILBOX}>"
+    mail["To"] = "Alice <alice@example.net>, mallory@example.net"
+    mail["Subject"] = "the reports"
+    mail.set_content(text)
+    for name, data in files:
+        mail.add_attachment(data, maintype="application", subtype="pdf", filename=name)
+    return mail.as_bytes()
+
+
+def test_a_large_message_goes_as_a_draft_with_its_attachments_apart(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI
+) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    # 8 MB and 1.5 MB of base64: the first through an upload session, the second in one POST.
+    report, summary = pdf_like(6_250_000, 1), pdf_like(1_100_000, 2)
+    data = with_attachments("Reports attached.\r\n", ("report.pdf", report), ("summary.pdf", summary))
+    assert 10_000_000 < len(data) < 10_500_000
+    code, text = send(port, pki, ["alice@example.net", "bob@example.net"], data)
+    [delivery] = graph.deliveries
+    assert (code, text) == (250, f"2.0.0 Ok: queued as {delivery.request_id}".encode())
+    assert delivery.via == "draft" and delivery.mailbox == MAILBOX
+    assert [(a.name, a.content_type, a.via, a.data == original) for a, original in zip(delivery.attachments, (report, summary))] == [
+        ("report.pdf", "application/pdf", "upload", True),
+        ("summary.pdf", "application/pdf", "post", True),
+    ]
+    assert len(delivery.attachments) == 2
+    # Exactly the envelope's recipients: mallory was only in the header, bob only in the envelope.
+    assert delivery.recipients == ["alice@example.net", "bob@example.net"] and delivery.bcc == ["bob@example.net"]
+    assert delivery.message is not None and delivery.message["Subject"] == "the reports"
+    assert delivery.message.get_body(("plain",)).get_content().rstrip() == "Reports attached."  # type: ignore[union-attr]
+    [created] = graph.requests_to("createDraft")
+    assert len(created.body) < 4 * 1024 * 1024 and b"mallory" not in base64.b64decode(created.body)
+    uploads = graph.requests_to("upload")
+    assert all("authorization" not in seen.headers for seen in uploads)
+    assert all(len(seen.body) % (320 * 1024) == 0 and len(seen.body) <= 4 * 1024 * 1024 for seen in uploads[:-1])
+    assert graph.drafts == {} and graph.deleted_drafts == []
+
+
+def largest_spool_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each read of a spooled message (the proxy runs in this process)."""
+    reads: list[int] = []
+    read_at = graph_upstream._Spool.read_at
+
+    async def recorded(self: graph_upstream._Spool, offset: int, length: int) -> bytes:
+        data = await read_at(self, offset, length)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(graph_upstream._Spool, "read_at", recorded)
+    return reads
+
+
+def test_memory_does_not_grow_with_the_attachment(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = largest_spool_reads(monkeypatch)
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    largest = []
+    for size in (4_000_000, 20_000_000):
+        reads.clear()
+        attachment = pdf_like(size, size)
+        assert send(port, pki, ["alice@example.net"], with_attachments("Attached.\r\n", ("big.pdf", attachment)))[0] == 250
+        assert graph.deliveries[-1].attachments[0].data == attachment
+        largest.append(max(reads))
+        # The message read in bounded chunks, never whole; each request within Graph's limit.
+        assert sum(reads) > size and max(reads) <= graph_upstream._MAX_HEADER + graph_upstream._CHUNK
+    assert largest[0] == largest[1]
+    assert max(len(seen.body) for seen in graph.requests) <= 4 * 1024 * 1024
+
+
+def test_a_failed_upload_deletes_the_draft(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    graph.script("upload", Answer("pass"), drop())
+    code, text = send(port, pki, ["alice@example.net"], with_attachments("Attached.\r\n", ("big.pdf", pdf_like(8_000_000, 3))))
+    assert code == 451 and re.match(rb"4\.4\.\d ", text)
+    [created] = graph.requests_to("createDraft")
+    assert graph.deliveries == [] and graph.drafts == {} and len(graph.deleted_drafts) == 1
+    assert [seen.route for seen in graph.requests if seen.route != "token"][-1] == "deleteDraft"
+    assert created.status == 201
+
+
+def test_graphs_refusal_of_an_upload_session_is_its_reply(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    graph.script("createUploadSession", throttled(9))
+    data = with_attachments("Attached.\r\n", ("big.pdf", pdf_like(5_000_000, 4)))
+    assert send(port, pki, ["alice@example.net"], data) == status(Catalogue.graph_throttled("m365", 9))
+    assert graph.deliveries == [] and graph.drafts == {} and len(graph.deleted_drafts) == 1
+
+
+def test_a_huge_text_body_beside_an_attachment_is_552(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    text = "\r\n".join(f"{i:08d} " + "z" * 70 for i in range(60_000)) + "\r\n"
+    data = with_attachments(text, ("small.pdf", pdf_like(10_000, 5)))
+    assert send(port, pki, ["alice@example.net"], data) == status(Catalogue.graph_body_too_big("m365"))
+    assert [seen.route for seen in graph.requests if seen.route != "token"] == []

@@ -272,7 +272,13 @@ class Catalogue:
 
     @staticmethod
     def graph_too_big(name: str) -> Reply:
-        return composed(552, "5.3.4", f"Message too big for Microsoft Graph's 4 MB request limit (upstream {name})")
+        """Over one request's limit and not multipart: nothing to send apart from the draft."""
+        return composed(552, "5.3.4", f"Message over Microsoft Graph's 4 MB request limit has no attachments to send apart (upstream {name})")
+
+    @staticmethod
+    def graph_body_too_big(name: str) -> Reply:
+        """Multipart, but what must stay in the draft (text, other parts) is over one request's limit."""
+        return composed(552, "5.3.4", f"Message text and parts other than attachments exceed Microsoft Graph's 4 MB request limit (upstream {name})")
 
     @staticmethod
     def graph_throttled(name: str, seconds: int | None) -> Reply:
