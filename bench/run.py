@@ -19,7 +19,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import statistics
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,6 +210,7 @@ class Env:
     problems: list[str] = field(default_factory=list)
     cleanup: list[Path] = field(default_factory=list)  # directories to remove at the end, besides tmp
     loadavg_start: str = ""
+    load_watch: LoadWatch | None = None
     counter: int = 0
     profile: Path | None = None
     bcrypt_cost: int = 12
@@ -977,6 +980,31 @@ def loadavg() -> str:
         return "unknown"
 
 
+class LoadWatch:
+    """Samples the 1-minute load average every few seconds during the run, in a daemon thread. The
+    benchmark itself keeps up to about 4 processes runnable (proxy, 2 generator workers, sink); much
+    more than that means other work (a test suite, say) was sharing the cores."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.samples: list[float] = []
+        self.every = every
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
+            except (OSError, ValueError, IndexError):
+                pass
+            time.sleep(self.every)
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "not sampled"
+        return (f"1-minute load average sampled every {self.every:g} s: median {statistics.median(self.samples):.2f}, "
+                f"max {max(self.samples):.2f}")
+
+
 def machine() -> list[str]:
     model = "unknown"
     try:
@@ -1013,8 +1041,9 @@ def report(env: Env, scenarios: dict[str, Scenario], targets: list[Target], star
         f"{now}; git {git_rev()}; took {time.monotonic() - started:.0f} s.",
         "",
         "- Machine: " + ", ".join(machine()) + ".",
-        f"- Load average (1 / 5 / 15 min) at the start: {env.loadavg_start}; at the end: {loadavg()} "
-        "(other work on the machine shares its cores with the benchmark).",
+        f"- Load average (1 / 5 / 15 min) at the start: {env.loadavg_start}; at the end: {loadavg()}; "
+        f"{env.load_watch.summary() if env.load_watch else ''} (the benchmark alone keeps about 4 processes busy "
+        "in the rate scenarios, 1 in the distant one; other work on the machine shares its cores with it).",
         f"- Sink: {env.sink_kind}.",
         "- Load generator: bench/loadgen.py (asyncio streams, AUTH PLAIN on every connection, no pipelining; "
         "2 processes for 20+ sessions). Latency per message = MAIL sent to final 250. Distant scenario: "
@@ -1126,7 +1155,7 @@ def main() -> int:
               users_file=users, users_file_cheap=users_cheap, aiosmtpd=have_aiosmtpd, emailrelay=shutil.which("emailrelay"),
               bcrypt_cost=args.bcrypt_cost, rtt_ms=args.rtt_ms,
               postfix="--no-peers" if args.no_peers or args.profile else peer_postfix.missing(),
-              postfix_version=peer_postfix.version(), loadavg_start=load_at_start)
+              postfix_version=peer_postfix.version(), loadavg_start=load_at_start, load_watch=LoadWatch())
     if args.profile:
         env.profile = tmp / "proxy.prof"
     print(f"bench: sink {sink_kind}")
