@@ -166,9 +166,11 @@ def _oauth(args: argparse.Namespace) -> int:
             "client_id, refresh_token_file and device_authorization_url"
         )
     if upstream.oauth.grant != "refresh_token":
+        # A Graph upstream has grant "client_credentials" too, without the key in the file.
         raise CommandError(
-            f'{where}.grant: "client_credentials" needs no sign-in, relayproxy authenticates with '
-            'the client secret; use grant = "refresh_token" to sign in as a user'
+            f'{where}.grant: "{upstream.oauth.grant}" needs no sign-in, relayproxy authenticates as the '
+            'application (client secret, certificate or service account key); use grant = "refresh_token" '
+            "to sign in as a user"
         )
     if upstream.oauth.device_authorization_url is None:
         raise CommandError(

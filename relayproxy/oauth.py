@@ -1,45 +1,34 @@
 """OAuth 2.0 access tokens for upstreams with auth = "xoauth2".
 
-``TokenSource`` keeps one upstream's access token fresh (refresh-token or client-credentials
-grant, RFC 6749); ``device_flow`` is the one-time sign-in of ``relayproxy oauth`` (RFC 8628)
-that stores the first refresh token. Every request goes over HTTPS with the certificate
-verified, and no secret or token ever enters a log line, an exception or a repr.
+``TokenSource`` keeps one upstream's access token fresh: the refresh-token grant, the client
+credentials grant (RFC 6749) with a client secret or a certificate's signed client assertion
+(RFC 7523 2.2), or a Google service account's JWT bearer grant (RFC 7523 2.1). ``device_flow`` is
+the one-time sign-in of ``relayproxy oauth`` (RFC 8628) that stores the first refresh token. Every
+request goes through relayproxy.https (treq) with the certificate verified, and no secret,
+assertion or token ever enters a log line, an exception or a repr.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    RequestGenerationFailed,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
-from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
+from relayproxy import https
+from relayproxy.assertion import CLIENT_ASSERTION_TYPE, JWT_BEARER_GRANT, client_assertion, service_account_assertion
 from relayproxy.config import OAuthConfig, UpstreamConfig
 from relayproxy.errors import RelayProxyError
 from relayproxy.files import write_private_file
 from relayproxy.logs import EventLog
-from relayproxy.trust import trust_root
 
 log = EventLog("relayproxy.oauth")
 
@@ -57,8 +46,6 @@ _DEFAULT_INTERVAL = 5.0
 _SLOW_DOWN = 5.0
 # Token answers are a few kilobytes; the bound keeps a broken endpoint from filling memory.
 _MAX_BODY = 1 << 20
-# Provider texts are echoed into logs: bounded, so a broken endpoint cannot flood them.
-_MAX_TEXT = 300
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
@@ -103,8 +90,7 @@ class DevicePrompt:
     expires_in: float
 
 
-# The web client's failures that wrap the connection's own (such as the TLS handshake's).
-_FAILED_WITH_REASONS = (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed, RequestGenerationFailed)
+_clean = https.one_line
 
 
 class _Endpoints:
@@ -117,30 +103,18 @@ class _Endpoints:
         self.oauth: OAuthConfig = upstream.oauth
         self._reactor = reactor
         self._timeout = timeout
-        trust = trust_root(self.oauth.token_ca_file)
-        # BrowserLikePolicyForHTTPS verifies the chain and the host name; None means the system's trust.
-        self._agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust))  # type: ignore[no-untyped-call]
+        # A new connection per request (no pool kept): tokens are fetched about once an hour.
+        self._http = https.client(reactor, self.oauth.token_ca_file)
 
     async def post(self, url: str, form: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
         """The status and JSON object the endpoint answered ``form`` with."""
-        request = defer.Deferred.fromCoroutine(self._exchange(url, form))
-        # Timed on the reactor that does the I/O, whatever clock measures token lifetimes.
-        # Not addTimeout: a cancelled request fails with ResponseNeverReceived, not CancelledError.
-        timer = self._reactor.callLater(self._timeout, request.cancel)
         try:
-            status, body = await request
-        except Exception as e:
-            if not timer.active():
-                what = f"no answer within {self._timeout:g} s"
-            elif isinstance(e, _FAILED_WITH_REASONS):
-                # The reasons of a failed TLS handshake include "certificate verify failed".
-                what = "no answer: " + "; ".join(_clean(r.getErrorMessage()) for r in e.reasons)
-            else:
-                what = f"request failed: {_clean(str(e)) or type(e).__name__}"
-            raise self.error(url, what) from None
-        finally:
-            if timer.active():
-                timer.cancel()
+            status, _, body = await https.fetch(
+                self._reactor, self._http, "POST", url, timeout=self._timeout, limit=_MAX_BODY,
+                headers={"Accept": ["application/json"]}, data=list(form.items()),
+            )
+        except https.RequestFailed as e:
+            raise self.error(url, e.what) from None
         try:
             answer = json.loads(body)
         except ValueError:
@@ -148,18 +122,6 @@ class _Endpoints:
         if not isinstance(answer, dict):
             raise self.error(url, f"answered HTTP {status} with a body that is no JSON object")
         return status, answer
-
-    async def _exchange(self, url: str, form: Mapping[str, str]) -> tuple[int, bytes]:
-        headers = Headers(
-            {
-                b"Content-Type": [b"application/x-www-form-urlencoded"],
-                b"Accept": [b"application/json"],
-                b"User-Agent": [b"relayproxy"],
-            }
-        )
-        body = FileBodyProducer(BytesIO(urlencode(form).encode("ascii")))  # type: ignore[no-untyped-call]
-        response = await self._agent.request(b"POST", url.encode("ascii"), headers, body)
-        return response.code, await _read_body(response)
 
     def error(self, url: str, what: str) -> TokenError:
         return TokenError(f"upstream {self.upstream}: {url}: {what}")
@@ -172,53 +134,6 @@ class _Endpoints:
         if isinstance(description, str) and description:
             text += f": {_clean(description)}"
         return self.error(url, f"refused (HTTP {status}): {text}{hint}")
-
-
-class _Body(Protocol):
-    """Collects a response body of at most _MAX_BODY bytes."""
-
-    def __init__(self, done: defer.Deferred[bytes]) -> None:
-        self._done = done
-        self._parts: list[bytes] = []
-        self._size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._done.called:
-            return
-        self._size += len(data)
-        if self._size > _MAX_BODY:
-            self._done.errback(ValueError(f"the answer is larger than {_MAX_BODY} bytes"))
-            self.drop()
-            return
-        self._parts.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # type: ignore[no-untyped-call]
-        if self._done.called:
-            return
-        # PotentialDataLoss: an answer without Content-Length; a cut one fails as JSON anyway.
-        if reason.check(ResponseDone, PotentialDataLoss):  # type: ignore[no-untyped-call]
-            self._done.callback(b"".join(self._parts))
-        else:
-            self._done.errback(reason)
-
-    def drop(self) -> None:
-        # The response's transport can only stop producing, which closes the connection.
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-def _read_body(response: IResponse) -> defer.Deferred[bytes]:
-    """Twisted's readBody cannot close the connection when cancelled (by the timeout); this can."""
-    done: defer.Deferred[bytes] = defer.Deferred(lambda _: body.drop())
-    body = _Body(done)
-    response.deliverBody(body)  # type: ignore[no-untyped-call]
-    return done
-
-
-def _clean(text: str) -> str:
-    """Provider or library text made safe for one log line."""
-    printable = "".join(c if c.isprintable() else " " for c in text)
-    return printable if len(printable) <= _MAX_TEXT else printable[:_MAX_TEXT] + "…"
 
 
 def _number(value: object, default: float) -> float:
@@ -266,6 +181,8 @@ class TokenSource:
         self._endpoints = _Endpoints(reactor, upstream, timeout)
         self._oauth = self._endpoints.oauth
         self._name = upstream.name
+        # The mailbox: a service account's assertion acts as this user.
+        self._username = upstream.username or ""
         self._clock: IReactorTime = reactor if clock is None else clock
         self._access: str | None = None
         self._expires_at = 0.0
@@ -314,26 +231,18 @@ class TokenSource:
 
     async def _refresh(self) -> str:
         oauth = self._oauth
-        form = {"grant_type": oauth.grant, "client_id": oauth.client_id}
         refresh_token = None
         if oauth.grant == "refresh_token":
             # Read each time: the file is the one place the current refresh token lives, so a
             # new sign-in with ``relayproxy oauth`` takes effect without a restart.
             refresh_token = self._read_refresh_token()
-            form["refresh_token"] = refresh_token
-        if oauth.client_secret is not None:
-            form["client_secret"] = oauth.client_secret
-        if oauth.scope is not None:
-            form["scope"] = oauth.scope
+        form = self._form(refresh_token)
         # Lifetimes count from the request, not the answer: the token may be that much older.
         started = self._clock.seconds()
         url = oauth.token_url
         status, answer = await self._endpoints.post(url, form)
         if status != 200 or "error" in answer:
-            hint = ""
-            if answer.get("error") == "invalid_grant" and oauth.grant == "refresh_token":
-                hint = f"; the sign-in is no longer valid: run relayproxy oauth {self._name}"
-            raise self._endpoints.refused(url, status, answer, hint)
+            raise self._endpoints.refused(url, status, answer, self._hint(answer.get("error")))
         token, lifetime = _access_token(self._endpoints, url, answer)
         self._access, self._expires_at = token, started + lifetime
         log.info("new access token", upstream=self._name, valid_seconds=round(lifetime))
@@ -341,6 +250,58 @@ class TokenSource:
         if refresh_token is not None and isinstance(rotated, str) and rotated and rotated != refresh_token:
             self._store_rotated(rotated)
         return token
+
+    def _form(self, refresh_token: str | None) -> dict[str, str]:
+        """The token request: the grant and the client's credential (load_config allowed exactly one)."""
+        oauth = self._oauth
+        # Signed assertions carry their own time: the wall clock, whatever measures lifetimes.
+        now = time.time()
+        if oauth.service_account is not None:
+            # RFC 7523 2.1: the signed assertion is the whole grant; no client id, no secret.
+            assertion = service_account_assertion(oauth.service_account, subject=self._username, scope=oauth.scope or "", now=now)
+            return {"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
+        form = {"grant_type": oauth.grant, "client_id": oauth.client_id}
+        if refresh_token is not None:
+            form["refresh_token"] = refresh_token
+        if oauth.client_certificate is not None:
+            # RFC 7523 2.2, as Microsoft's identity platform takes it: a new assertion each time.
+            form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
+            form["client_assertion"] = client_assertion(
+                oauth.client_certificate, client_id=oauth.client_id, audience=oauth.token_url, now=now
+            )
+        elif oauth.client_secret is not None:
+            form["client_secret"] = oauth.client_secret
+        if oauth.scope is not None:
+            form["scope"] = oauth.scope
+        return form
+
+    def _hint(self, error: object) -> str:
+        """What to do about a refusal, where the credential makes the likely cause plain."""
+        oauth = self._oauth
+        if error == "invalid_grant" and oauth.grant == "refresh_token":
+            return f"; the sign-in is no longer valid: run relayproxy oauth {self._name}"
+        certificate = oauth.client_certificate
+        if certificate is not None and error == "invalid_client":
+            if certificate.not_after <= datetime.datetime.now(datetime.UTC):
+                expired = certificate.not_after.strftime("%Y-%m-%d %H:%M UTC")
+                return f"; the certificate in {certificate.path} expired on {expired}: register a new one with the app and point client_certificate_file at it"
+            return (
+                f"; check that the app registration's Certificates & secrets lists the certificate in {certificate.path} "
+                f"(thumbprint {certificate.sha1_thumbprint})"
+            )
+        account = oauth.service_account
+        if account is not None and error == "unauthorized_client":
+            client = account.client_id or account.client_email
+            return (
+                f"; in Google Admin (Security > Access and data control > API controls > Domain-wide delegation) "
+                f"add client ID {client} with the scope {oauth.scope}"
+            )
+        if account is not None and error == "invalid_grant":
+            return (
+                f"; check that {self._username} is a user of the Workspace domain and that key {account.private_key_id} "
+                f"of {account.client_email} is not deleted or disabled, and that this host's clock is right"
+            )
+        return ""
 
     def _read_refresh_token(self) -> str:
         path = self._oauth.refresh_token_file

@@ -353,3 +353,50 @@ def test_a_huge_text_body_beside_an_attachment_is_552(make_proxy: ProxyFactory, 
     data = with_attachments(text, ("small.pdf", pdf_like(10_000, 5)))
     assert send(port, pki, ["alice@example.net"], data) == status(Catalogue.graph_body_too_big("m365"))
     assert [seen.route for seen in graph.requests if seen.route != "token"] == []
+
+
+# -- certificate sign-in ---------------------------------------------------------------------
+
+
+def test_a_message_through_graph_with_certificate_sign_in(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI, log_lines: list[str]
+) -> None:
+    # The app has no secret at all: only the certificate can sign it in.
+    graph.client_secret = None
+    certificate = graph.make_certificate(tmp_path)
+    port = make_proxy(graph.upstream_toml(tmp_path, certificate=certificate), extra=ROUTE).port
+    code, text = send(port, pki, ["alice@example.net"], message())
+    [delivery] = graph.deliveries
+    assert (code, text) == (250, f"2.0.0 Ok: queued as {delivery.request_id}".encode())
+    [token] = graph.tokens.values()
+    assert token.credential == "certificate"
+    # The stand-in verified the assertion against the registered certificate: its header as sent.
+    [assertion] = graph.client_assertions
+    assert assertion["header"]["alg"] == "PS256" and assertion["header"]["x5t#S256"] == certificate.x5t_s256
+    assert assertion["claims"]["aud"] == graph.token_url
+    [form] = graph.token_requests()
+    for line in log_lines:
+        assert form["client_assertion"] not in line and token.value not in line
+
+
+def test_an_unregistered_certificate_gives_454_at_data(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI, log_lines: list[str]
+) -> None:
+    certificate = graph.make_certificate(tmp_path)
+    toml = graph.upstream_toml(tmp_path, certificate=certificate)
+    # Removed from the app registration after the proxy was configured with it.
+    graph.certificates.remove(certificate.certificate)
+    port = make_proxy(toml, extra=ROUTE).port
+    smtp = login(port, pki)
+    assert smtp.mail(MAILBOX)[0] == 250
+    assert smtp.rcpt("alice@example.net")[0] == 250
+    code, text = smtp.docmd("DATA")
+    smtp.close()
+    assert (code, text) == status(Catalogue.upstream_token_failed("m365"))
+    assert code == 454 and text.startswith(b"4.7.0 ")
+    assert graph.deliveries == [] and graph.tokens == {}
+    [failure] = [line for line in log_lines if "upstream failure" in line]
+    assert "invalid_client: AADSTS700027: The certificate with identifier used to sign the client assertion is not registered" in failure
+    assert f"lists the certificate in {certificate.certificate_file}" in failure
+    [form] = graph.token_requests()
+    assert all(form["client_assertion"] not in line for line in log_lines)

@@ -7,11 +7,11 @@ the key, what is wrong and the fix.
 
 from relayproxy.config.rules import load_config
 from relayproxy.config.sections import (
-    DEFAULT_PATH, AuthConfig, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig, OAuthConfig, ServerConfig, TLSConfig,
-    UpstreamConfig, UserConfig,
+    DEFAULT_PATH, AuthConfig, ClientCertificate, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig, OAuthConfig,
+    ServerConfig, ServiceAccount, TLSConfig, UpstreamConfig, UserConfig,
 )
 
 __all__ = [
-    "DEFAULT_PATH", "AuthConfig", "Config", "LimitsConfig", "ListenerConfig", "LogConfig", "MetricsConfig", "OAuthConfig", "ServerConfig",
-    "TLSConfig", "UpstreamConfig", "UserConfig", "load_config",
+    "DEFAULT_PATH", "AuthConfig", "ClientCertificate", "Config", "LimitsConfig", "ListenerConfig", "LogConfig", "MetricsConfig",
+    "OAuthConfig", "ServerConfig", "ServiceAccount", "TLSConfig", "UpstreamConfig", "UserConfig", "load_config",
 ]

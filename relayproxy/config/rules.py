@@ -7,6 +7,7 @@ what each OAuth grant needs, that every user reaches an upstream, and limits tha
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -19,13 +20,14 @@ from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from OpenSSL import SSL
 
-from relayproxy.config.schema import Setting, Source, Table, fix_of, key_names, settings
+from relayproxy.config.schema import Invalid, Setting, Source, Table, fix_of, key_names, settings
 from relayproxy.config.sections import (
-    DEFAULT_UPSTREAM, HOSTS, TABLES, AuthConfig, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig, OAuthConfig,
-    ServerConfig, TLSConfig, TLSKey, UpstreamConfig, UserConfig, endpoint_fields,
+    DEFAULT_UPSTREAM, HOSTS, TABLES, AuthConfig, ClientCertificate, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig,
+    OAuthConfig, ServerConfig, ServiceAccount, TLSConfig, TLSKey, UpstreamConfig, UserConfig, _https_url, endpoint_fields,
 )
 from relayproxy.errors import ConfigError
 from relayproxy.usersfile import UsersFileError, read_users_file
@@ -235,7 +237,8 @@ def _upstream(name: str, table: Table, for_oauth_setup: bool) -> UpstreamConfig:
 _GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 _NOT_FOR_GRAPH = (
     "host", "hosts", "port", "tls", "helo_name", "auth", "envelope_from", "header_from", "pool_size", "pool_idle_timeout",
-    "connect_timeout", "reply_timeout", "grant", "refresh_token_file", "device_authorization_url", "token_ca_file", *_PASSWORD.names,
+    "connect_timeout", "reply_timeout", "grant", "refresh_token_file", "device_authorization_url", "token_ca_file",
+    "service_account_file", *_PASSWORD.names,
 )
 
 
@@ -246,10 +249,8 @@ def _graph(table: Table, upstream: UpstreamConfig) -> UpstreamConfig:
             table.problem(key, 'not used with kind = "graph"', 'remove it (Graph sends as the mailbox in username, over HTTPS)')
     if "username" not in table.data:
         table.problem("username", 'missing: kind = "graph" sends as a mailbox', 'set username to the mailbox, such as "alerts@example.org"')
-    oauth = replace(table.read(OAuthConfig), client_secret=_secret(table, _CLIENT_SECRET))
-    if not any(key in table.data for key in _CLIENT_SECRET.names):
-        what = 'missing: kind = "graph" signs in as the application with its client secret'
-        table.problem("client_secret_file", what, "set client_secret_file or client_secret_credential")
+    _require(table, "token_url", "client_id")
+    oauth = _app_credential(table, table.read(OAuthConfig), 'kind = "graph"')
     # ca_file serves both Graph and the token endpoint: one provider, one trust.
     oauth = replace(oauth, grant="client_credentials", scope=oauth.scope or _GRAPH_SCOPE, token_ca_file=upstream.ca_file)
     return replace(upstream, host="", port=443, tls="implicit", auth="xoauth2", oauth=oauth, pool_size=0)
@@ -274,8 +275,19 @@ def _hosts(table: Table, default_port: int) -> list[tuple[str, int]]:
 
 
 def _oauth(name: str, table: Table, for_oauth_setup: bool) -> OAuthConfig:
-    oauth = replace(table.read(OAuthConfig), client_secret=_secret(table, _CLIENT_SECRET))
+    oauth = table.read(OAuthConfig)
+    if oauth.grant == "service_account":
+        return _service_account(table, oauth)
+    _require(table, "token_url", "client_id")
+    if "service_account_file" in table.data:
+        table.problem("service_account_file", 'only used with grant = "service_account"', 'set grant = "service_account" or remove it')
     if oauth.grant == "refresh_token":
+        for key in _CERTIFICATE_KEYS:
+            if key in table.data:
+                # Acting for a user, the refresh token is the credential; the app's own is for app-only.
+                what = 'only used with grant = "client_credentials" (the application signing in as itself)'
+                table.problem(key, what, 'remove it, or set grant = "client_credentials"')
+        oauth = replace(oauth, client_secret=_secret(table, _CLIENT_SECRET))
         if "refresh_token_file" not in table.data:
             table.problem(
                 "refresh_token_file",
@@ -285,9 +297,7 @@ def _oauth(name: str, table: Table, for_oauth_setup: bool) -> OAuthConfig:
         elif oauth.refresh_token_file is not None:
             _check_refresh_token_file(name, table, oauth.refresh_token_file, for_oauth_setup)
         return oauth
-    if not any(key in table.data for key in _CLIENT_SECRET.names):
-        what = 'missing: grant = "client_credentials" authenticates the application with its client secret'
-        table.problem("client_secret_file", what, "set client_secret_file or client_secret_credential")
+    oauth = _app_credential(table, oauth, 'grant = "client_credentials"')
     if "scope" not in table.data:
         what = 'missing: grant = "client_credentials" needs the resource\'s scope'
         table.problem("scope", what, 'for Microsoft 365 write scope = "https://outlook.office365.com/.default"')
@@ -295,6 +305,188 @@ def _oauth(name: str, table: Table, for_oauth_setup: bool) -> OAuthConfig:
         if key in table.data:
             table.problem(key, 'not used with grant = "client_credentials"', 'remove it, or set grant = "refresh_token"')
     return replace(oauth, refresh_token_file=None, device_authorization_url=None)
+
+
+_OAUTH = settings(OAuthConfig)
+_CERTIFICATE_KEYS = ("client_certificate_file", "client_key_file")
+
+
+def _require(table: Table, *names: str) -> None:
+    """Keys of OAuthConfig that every sign-in but a service account's needs (its key file has them)."""
+    for name in names:
+        if name not in table.data:
+            table.problem(name, "missing", fix_of(_OAUTH[name]))
+
+
+def _app_credential(table: Table, oauth: OAuthConfig, where: str) -> OAuthConfig:
+    """The application's one credential (client credentials): its client secret, or a certificate and key."""
+    secret_keys = [key for key in _CLIENT_SECRET.names if key in table.data]
+    certificate_keys = [key for key in _CERTIFICATE_KEYS if key in table.data]
+    if secret_keys and certificate_keys:
+        # Which one would be used must not depend on a rule the reader has to know.
+        table.problem(
+            certificate_keys[0],
+            f"set together with {secret_keys[0]}: the application signs in with one credential",
+            f"remove {secret_keys[0]} to sign in with the certificate, or {' and '.join(certificate_keys)} to use the secret",
+        )
+        return oauth
+    if certificate_keys:
+        return replace(oauth, client_certificate=_client_certificate(table, oauth))
+    if not secret_keys:
+        table.problem(
+            "client_secret_file",
+            f"missing: {where} signs in as the application, with its client secret or a certificate",
+            "set client_secret_file or client_secret_credential, or client_certificate_file and client_key_file "
+            "(a certificate registered with the application)",
+        )
+        return oauth
+    return replace(oauth, client_secret=_secret(table, _CLIENT_SECRET))
+
+
+def _client_certificate(table: Table, oauth: OAuthConfig) -> ClientCertificate | None:
+    """The certificate and key, read and checked here once, so a mistake shows at load, not at the first message."""
+    certificate, key = oauth.client_certificate_file, oauth.client_key_file
+    if "client_certificate_file" not in table.data:
+        table.problem("client_certificate_file", "missing, but client_key_file is set", fix_of(_OAUTH["client_certificate_file"]))
+        return None
+    if "client_key_file" not in table.data:
+        table.problem("client_key_file", "missing, but client_certificate_file is set", fix_of(_OAUTH["client_key_file"]))
+        return None
+    if certificate is None or key is None or not (table.ok("client_certificate_file") and table.ok("client_key_file")):
+        return None
+    cert_data, key_data = table.read_file("client_certificate_file", certificate), table.read_file("client_key_file", key)
+    if cert_data is None or key_data is None:
+        return None
+    try:
+        # The first certificate of a PEM file (a chain may follow), else a DER one (.cer from Windows).
+        parsed = x509.load_pem_x509_certificates(cert_data)[0] if b"-----BEGIN" in cert_data else x509.load_der_x509_certificate(cert_data)
+    except ValueError:
+        fix = "point it at the certificate (PEM or DER) uploaded to the app registration's Certificates & secrets"
+        table.problem("client_certificate_file", f"{certificate} holds no certificate", fix)
+        return None
+    unencrypted = "write it without a passphrase: openssl pkey -in KEY -out KEY.plain (mode 0600)"
+    try:
+        private_key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        # The daemon has no one to ask for a passphrase.
+        table.problem("client_key_file", f"{key} holds an encrypted private key", unencrypted)
+        return None
+    except (ValueError, UnsupportedAlgorithm):
+        fix = "point it at the certificate's private key in PEM (from a .pfx: openssl pkcs12 -in app.pfx -nodes -nocerts -out app.key)"
+        table.problem("client_key_file", f"{key} holds no PEM private key", fix)
+        return None
+    if not isinstance(private_key, rsa.RSAPrivateKey) or not isinstance(parsed.public_key(), rsa.RSAPublicKey):
+        # Microsoft's identity platform verifies client assertions with RSA keys only (RS256, PS256).
+        what = f"{key} holds a {type(private_key).__name__}, and the application's certificate must be RSA"
+        table.problem("client_key_file", what, "make an RSA certificate of 2048 bits or more, register it with the app and use its key")
+        return None
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if private_key.public_key().public_bytes(der, spki) != parsed.public_key().public_bytes(der, spki):
+        what = f"{key} does not match the certificate in {certificate}"
+        table.problem("client_key_file", what, "point client_key_file at the private key the certificate was made with")
+        return None
+    return ClientCertificate(
+        path=certificate,
+        sha256_thumbprint=base64.urlsafe_b64encode(parsed.fingerprint(hashes.SHA256())).rstrip(b"=").decode("ascii"),
+        sha1_thumbprint=parsed.fingerprint(hashes.SHA1()).hex().upper(),
+        not_after=parsed.not_valid_after_utc,
+        key=private_key,
+    )
+
+
+_GOOGLE_SCOPE = "https://mail.google.com/"
+_GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+_NOT_FOR_SERVICE_ACCOUNT = (
+    "token_url", "client_id", *_CLIENT_SECRET.names, *_CERTIFICATE_KEYS, "refresh_token_file", "device_authorization_url",
+)
+_KEY_FILE_FIX = (
+    "point it at the service account's JSON key (Google Cloud console: IAM & Admin > Service accounts > the account > "
+    "Keys > Add key > JSON)"
+)
+
+
+def _service_account(table: Table, oauth: OAuthConfig) -> OAuthConfig:
+    """grant = "service_account": Google's JWT bearer grant, acting as username by domain-wide delegation."""
+    for key in _NOT_FOR_SERVICE_ACCOUNT:
+        if key in table.data:
+            what = 'not used with grant = "service_account"'
+            table.problem(key, what, "remove it: the service account's key file names the account, its key and its token endpoint")
+    if "service_account_file" not in table.data:
+        what = 'missing: grant = "service_account" signs in with the key of a service account'
+        table.problem("service_account_file", what, "set it to the JSON key file of a service account with domain-wide delegation")
+        return oauth
+    path = oauth.service_account_file
+    account = _read_service_account(table, path) if path is not None and table.ok("service_account_file") else None
+    if account is None:
+        return oauth
+    return replace(
+        oauth,
+        token_url=account.token_uri,
+        client_id=account.client_id or account.client_email,
+        scope=oauth.scope or _GOOGLE_SCOPE,
+        service_account=account,
+        refresh_token_file=None,
+        device_authorization_url=None,
+    )
+
+
+def _read_service_account(table: Table, path: Path) -> ServiceAccount | None:
+    """The key file checked field by field; no problem quotes the private key."""
+    key = "service_account_file"
+    data = table.read_file(key, path)
+    if data is None:
+        return None
+    try:
+        info = json.loads(data)
+    except json.JSONDecodeError as e:
+        table.problem(key, f"{path} is not JSON ({e.msg} at line {e.lineno} column {e.colno})", _KEY_FILE_FIX)
+        return None
+    except ValueError:
+        table.problem(key, f"{path} is not UTF-8 text", _KEY_FILE_FIX)
+        return None
+    if not isinstance(info, dict):
+        table.problem(key, f"{path} holds no JSON object", _KEY_FILE_FIX)
+        return None
+    kind = info.get("type")
+    if kind != "service_account":
+        if "installed" in info or "web" in info:
+            what = f"{path} is an OAuth client's secret file, not a service account's key"
+        elif isinstance(kind, str):
+            what = f'{path} is a key of type {json.dumps(kind[:40])}, not "service_account"'
+        else:
+            what = f'{path} has no "type": "service_account"'
+        table.problem(key, what, _KEY_FILE_FIX)
+        return None
+    fields = {name: info.get(name) for name in ("client_email", "private_key_id", "private_key")}
+    missing = [name for name, value in fields.items() if not isinstance(value, str) or not value]
+    if missing:
+        table.problem(key, f"{path} has no {', '.join(missing)} (a non-empty string each)", _KEY_FILE_FIX)
+        return None
+    token_uri = info.get("token_uri", _GOOGLE_TOKEN_URI)
+    try:
+        token_uri = _https_url(token_uri if isinstance(token_uri, str) else "")
+    except Invalid:
+        table.problem(key, f"{path}: token_uri is not an https:// URL", f'write "{_GOOGLE_TOKEN_URI}" there, or remove it')
+        return None
+    try:
+        private_key = serialization.load_pem_private_key(str(fields["private_key"]).encode("utf-8"), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        table.problem(key, f"{path}: private_key is no usable unencrypted PEM private key", _KEY_FILE_FIX)
+        return None
+    if not isinstance(private_key, rsa.RSAPrivateKey):
+        # Google signs service accounts' keys as RSA and verifies RS256 only.
+        table.problem(key, f"{path}: private_key is a {type(private_key).__name__}, not an RSA key", _KEY_FILE_FIX)
+        return None
+    client_id = info.get("client_id")
+    return ServiceAccount(
+        path=path,
+        client_email=str(fields["client_email"]),
+        private_key_id=str(fields["private_key_id"]),
+        token_uri=token_uri,
+        client_id=client_id if isinstance(client_id, str) and client_id else None,
+        key=private_key,
+    )
 
 
 def _check_refresh_token_file(name: str, table: Table, path: Path, for_oauth_setup: bool) -> None:

@@ -5,10 +5,11 @@ etc/relayproxy.toml documents each key declared here (tests/test_config.py holds
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import urllib.parse
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ ListenerTLS = Literal["starttls", "implicit", "none"]
 UpstreamTLS = Literal["implicit", "starttls", "none"]
 UpstreamAuth = Literal["password", "xoauth2"]
 UpstreamKind = Literal["smtp", "graph"]
-OAuthGrant = Literal["refresh_token", "client_credentials"]
+OAuthGrant = Literal["refresh_token", "client_credentials", "service_account"]
 LogFormat = Literal["text", "json"]
 TLSKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey | dsa.DSAPrivateKey
 """The private keys that can serve TLS."""
@@ -156,6 +157,33 @@ class AuthConfig:
     """How long a verified user name and password pair is accepted without bcrypt (0: never)."""
 
 
+@dataclass(frozen=True)
+class ClientCertificate:
+    """An application's certificate credential (client_certificate_file and client_key_file), read
+    and checked by load_config: the key signs each client assertion, never read from disk again."""
+
+    path: Path
+    sha256_thumbprint: str
+    """Base64url SHA-256 of the DER certificate: the x5t#S256 of a client assertion."""
+    sha1_thumbprint: str
+    """Hex SHA-1 of it, as the app registration's "Certificates & secrets" page shows it."""
+    not_after: datetime.datetime
+    key: rsa.RSAPrivateKey = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """A Google service account's JSON key (service_account_file), read and checked by load_config."""
+
+    path: Path
+    client_email: str
+    private_key_id: str
+    token_uri: str
+    client_id: str | None
+    """The numeric ID that Google Admin's domain-wide delegation is granted to."""
+    key: rsa.RSAPrivateKey = field(repr=False, compare=False)
+
+
 @section
 class OAuthConfig:
     """Where and how an upstream with auth = "xoauth2" gets its access tokens (keys of [upstream.NAME]).
@@ -164,12 +192,27 @@ class OAuthConfig:
     ``refresh_token_file`` whenever it refreshes, and a reload sees an unchanged upstream.
     """
 
+    # Not required for grant = "service_account", whose key file names both (rules.py).
     token_url: str = setting(
-        parse=_https_url, fix="write the provider's token endpoint, such as \"https://login.microsoftonline.com/TENANT/oauth2/v2.0/token\""
+        required=False,
+        parse=_https_url,
+        fix="write the provider's token endpoint, such as \"https://login.microsoftonline.com/TENANT/oauth2/v2.0/token\"",
     )
-    client_id: str = setting(fix="write the client ID of the application registered with the provider")
+    client_id: str = setting(required=False, fix="write the client ID of the application registered with the provider")
     grant: OAuthGrant = setting(default="refresh_token")
     client_secret: str | None = setting(default=None, repr=False, secret=("file", "credential"))
+    # The application's certificate instead of its client secret (client credentials); rules.py
+    # reads the pair into client_certificate.
+    client_certificate_file: Path | None = setting(
+        default=None, fix="write the path of the certificate registered with the application (PEM or DER)"
+    )
+    client_key_file: Path | None = setting(default=None, fix="write the path of the certificate's private key (PEM, unencrypted)")
+    client_certificate: ClientCertificate | None = None
+    # grant = "service_account": Google's JSON key, read into service_account by rules.py.
+    service_account_file: Path | None = setting(
+        default=None, fix="write the path of the service account's JSON key file, as the Google Cloud console downloads it"
+    )
+    service_account: ServiceAccount | None = None
     # Set exactly when grant is "refresh_token".
     refresh_token_file: Path | None = setting(default=None, fix="write the path of the file relayproxy keeps the refresh token in")
     scope: str | None = setting(default=None, fix='write the scopes separated by spaces, such as "https://mail.google.com/"')
