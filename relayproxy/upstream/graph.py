@@ -27,20 +27,18 @@ from email.parser import BytesHeaderParser
 from typing import IO, Any
 from urllib.parse import quote
 
-import treq
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IPushProducer
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.http_headers import Headers
+from twisted.web.client import HTTPConnectionPool
 
 from relayproxy.config import UpstreamConfig
+from relayproxy import https
 from relayproxy.errors import UpstreamError
 from relayproxy.graphmail import Unstuffer, fit_recipients, verdict
 from relayproxy.logs import EventLog
 from relayproxy.oauth import TokenError, TokenSource
 from relayproxy.smtp.envelope import Data, EnvelopeCommand, Mail, Rcpt
 from relayproxy.smtp.reply import Catalogue, Reply
-from relayproxy.trust import trust_root
 
 log = EventLog("relayproxy.upstream")
 
@@ -385,12 +383,10 @@ class GraphUpstream:
         self.config = config
         self.reactor = reactor
         self.tokens = tokens or TokenSource(reactor, config)
-        trust = trust_root(config.ca_file)
         pool = HTTPConnectionPool(reactor)  # type: ignore[no-untyped-call]
         # Graph allows 4 concurrent requests per mailbox; more would only be throttled.
         pool.maxPersistentPerHost = 4
-        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust), pool=pool)  # type: ignore[no-untyped-call]
-        self.http = treq.client.HTTPClient(agent)
+        self.http = https.client(reactor, config.ca_file, pool=pool)
         self.mailbox_url = f"{config.graph_url.rstrip('/')}/users/{config.username}"
 
     async def acquire(self, client: object) -> GraphSession:
@@ -531,7 +527,7 @@ class GraphSession:
         """One request to Graph with the mailbox's token (a fresh one once, if Graph says 401)."""
         upstream, cfg = self._upstream, self._upstream.config
         for attempt in (1, 2):
-            headers = {"User-Agent": ["relayproxy"]}
+            headers: dict[str, list[str]] = {}
             if content_type is not None:
                 headers["Content-Type"] = [content_type]
             if content_range is not None:
@@ -544,21 +540,19 @@ class GraphSession:
                     return UpstreamError(Catalogue.upstream_token_failed(cfg.name), e.detail, step="end-of-data")
                 headers["Authorization"] = [f"Bearer {token}"]
             try:
-                response = await upstream.http.request(method, url, data=body, timeout=cfg.data_timeout, headers=Headers(headers))
-                answer = await treq.content(response)
-            except defer.CancelledError:
-                return UpstreamError(Catalogue.UPSTREAM_TIMEOUT, f"upstream {cfg.name}: Graph did not answer {what} within {cfg.data_timeout:g} s", step="end-of-data")
-            except Exception as e:
-                return UpstreamError(
-                    Catalogue.upstream_unreachable(cfg.name), f"upstream {cfg.name}: {what} failed: {type(e).__name__} {e}"[:300], step="end-of-data"
+                status, answered, answer = await https.fetch(
+                    upstream.reactor, upstream.http, method, url, timeout=cfg.data_timeout, limit=_MAX_ANSWER, headers=headers, data=body,
                 )
-            if response.code == 401 and token is not None and attempt == 1:
+            except https.RequestFailed as e:
+                why = Catalogue.UPSTREAM_TIMEOUT if e.timed_out else Catalogue.upstream_unreachable(cfg.name)
+                return UpstreamError(why, f"upstream {cfg.name}: Graph {what}: {e.what}", step="end-of-data")
+            if status == 401 and token is not None and attempt == 1:
                 # A token revoked before its expiry: one fresh one.
                 upstream.tokens.invalidate(token)
                 continue
             break
-        names = {name.decode("latin-1").lower(): values[-1].decode("latin-1") for name, values in response.headers.getAllRawHeaders()}
-        return _Answer(response.code, names, answer[:_MAX_ANSWER])
+        names = {name.decode("latin-1").lower(): values[-1].decode("latin-1") for name, values in answered.getAllRawHeaders()}
+        return _Answer(status, names, answer)
 
     def _failed(self, error: UpstreamError) -> Reply:
         self.failure = error
