@@ -72,11 +72,14 @@ async def _check_graph(upstream: UpstreamConfig, reactor: Any, say: Callable[[st
         say(f"     hint: {NO_MAIL_SEND_HINT}")
         return False
     shown = ", ".join([MAIL_SEND] + sorted(set(roles) - {MAIL_SEND}))
-    say(f"ok   upstream {upstream.name} {where}: {got}, roles: {shown}, {expiry}; no mail sent")
+    # Mail.ReadWrite only matters for a message too large for one sendMail request.
+    drafts = "" if MAIL_READ_WRITE in roles else f"; without {MAIL_READ_WRITE}, a message over about 3 MB (sent as a draft) is refused"
+    say(f"ok   upstream {upstream.name} {where}: {got}, roles: {shown}, {expiry}; no mail sent{drafts}")
     return True
 
 
 MAIL_SEND = "Mail.Send"
+MAIL_READ_WRITE = "Mail.ReadWrite"
 NO_MAIL_SEND_HINT = (
     "grant the app the application permission Mail.Send with admin consent: Entra admin center, App registrations, "
     "the app, API permissions, Add a permission, Microsoft Graph, Application permissions, Mail.Send, then Grant admin "

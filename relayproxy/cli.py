@@ -58,7 +58,8 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description=(
             "Validate the configuration and the users file, then connect to every upstream: EHLO, "
             "TLS (prints the version and the certificate's subject and expiry), AUTH with the "
-            "central credentials, QUIT. One line per upstream, with a hint under each failure. "
+            "central credentials, QUIT; for a Graph upstream, an access token, whose roles must hold Mail.Send "
+            "(the mailbox and the token's expiry are shown). One line per upstream, with a hint under each failure. "
             "Exit status 0 when all upstreams work, 1 when any fails, 2 for a bad configuration. "
             "With --offline only the configuration and the users file are checked, connecting nowhere "
             "(for CI and configuration management): exit status 0 or 2."
@@ -102,24 +103,33 @@ def _check(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser(
         "demo",
-        help="run the proxy in front of a local stand-in smarthost (127.0.0.1 only)",
+        help="run the proxy in front of a local stand-in smarthost or Microsoft Graph (127.0.0.1 only)",
         description=(
             "Start a stand-in smarthost (STARTTLS and AUTH required) and relayproxy in front of it, "
             "print a demo login and a command that sends a test message, and show every message the "
-            "smarthost receives. Needs the demo extra: pip install 'relayproxy[demo]'."
+            "smarthost receives. With --graph the stand-in is Microsoft Graph instead: an identity-platform "
+            "token endpoint and sendMail over HTTPS, so the proxy signs in as an app (client credentials), "
+            "sends each message with Graph's sendMail and answers with Graph's request id; every message "
+            "Graph \"sent\" is shown. Certificates come from a throwaway CA, and the proxy verifies them. "
+            "Needs the demo extra: pip install 'relayproxy[demo]'."
         ),
     )
     demo.add_argument("--dir", type=Path, help="where to write the config, certificates and received mail (default: a new temporary directory)")
     demo.add_argument("--port", type=int, default=2587, help="the proxy's STARTTLS port (default: %(default)s)")
     demo.add_argument("--plain-port", type=int, default=2525, help="the proxy's loopback plaintext port (default: %(default)s)")
     demo.add_argument("--smarthost-port", type=int, default=2465, help="the stand-in smarthost's port (default: %(default)s)")
+    demo.add_argument(
+        "--graph", action="store_true",
+        help='put the proxy in front of a stand-in for Microsoft Graph (an upstream with kind = "graph") instead of the smarthost',
+    )
+    demo.add_argument("--graph-port", type=int, default=2443, help="the stand-in Graph's HTTPS port, with --graph (default: %(default)s)")
     demo.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from relayproxy.demo import run_demo
 
-    return run_demo(args.dir, args.port, args.plain_port, args.smarthost_port)
+    return run_demo(args.dir, args.port, args.plain_port, args.smarthost_port, graph=args.graph, graph_port=args.graph_port)
 
 
 def _add_oauth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

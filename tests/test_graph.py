@@ -196,6 +196,15 @@ def test_check_reads_mail_send_from_the_tokens_roles(graph: GraphStandIn, tmp_pa
     assert graph.deliveries == []
 
 
+def test_check_says_what_mail_send_alone_cannot_send(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    graph.jwt_tokens = True
+    graph.roles = ["Mail.Send"]
+    status, [line] = graph_check(graph_config(graph, tmp_path, pki))
+    assert status == 0, line
+    assert ", roles: Mail.Send, expires " in line
+    assert line.endswith("; no mail sent; without Mail.ReadWrite, a message over about 3 MB (sent as a draft) is refused")
+
+
 @pytest.mark.parametrize(
     "roles,held",
     [(["Mail.ReadWrite", "User.Read.All"], "its roles are Mail.ReadWrite, User.Read.All"), ([], "it carries no roles (no application permission)")],
