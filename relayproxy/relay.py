@@ -228,28 +228,29 @@ class Relay:
 
     def _ask(self, ask: Ask) -> None:
         work: Coroutine[defer.Deferred[Any], Any, Answer]
-        if isinstance(ask, CheckThrottle):
+        if isinstance(ask, CheckMail | CheckRcpt):
+            # Most questions have their answer here: only a budget needs the (perhaps shared) store.
+            refusal = self._sender_refusal(ask.mail.sender) if isinstance(ask, CheckMail) else None
+            if refusal is not None or not self._budgeted:
+                self._answer(refusal)
+                return
+            work = self._check_budget(ask.recipients if isinstance(ask, CheckRcpt) else None, "RCPT" if isinstance(ask, CheckRcpt) else "MAIL")
+        elif isinstance(ask, CheckThrottle):
             work = self._check_throttle(ask.username)
         elif isinstance(ask, Login):
             work = self._login(ask.credentials)
-        elif isinstance(ask, CheckMail):
-            work = self._check_mail(ask.mail)
-        elif isinstance(ask, CheckRcpt):
-            work = self._check_budget(ask.recipients, "RCPT")
         elif isinstance(ask, Forward):
             work = self._forward(ask)
         else:
             work = self._end_of_data(ask)
         self._busy = True
-        _run_now(self._guarded(work), self._answer)
+        _run_now(work, self._answer, self._crashed)
 
-    async def _guarded(self, work: Coroutine[defer.Deferred[Any], Any, Answer]) -> Answer:
-        try:
-            return await work
-        except Exception:
-            log.failure("internal error", session=self.session_id, client=self.peer, user=self.username)
-            self._perform(self.machine.close_with(Catalogue.local_error(self.s.server.hostname)))
-            return None
+    def _crashed(self) -> None:
+        # Called while the exception is being handled: the log line carries its traceback.
+        log.failure("internal error", session=self.session_id, client=self.peer, user=self.username)
+        self._perform(self.machine.close_with(Catalogue.local_error(self.s.server.hostname)))
+        self._answer(None)
 
     def _finish(self) -> None:
         if self._gone:
@@ -337,18 +338,22 @@ class Relay:
 
     # -- the envelope -------------------------------------------------------------------------
 
-    async def _check_mail(self, mail: Mail) -> Reply | None:
+    def _sender_refusal(self, sender: str) -> Reply | None:
         assert self._user is not None
-        if not self._user.config.may_send(mail.sender):
-            self._refused_sender = mail.sender
-            return Catalogue.sender_not_owned(self._user.name)
-        return await self._check_budget(None, "MAIL")
+        if self._user.config.may_send(sender):
+            return None
+        self._refused_sender = sender
+        return Catalogue.sender_not_owned(self._user.name)
+
+    @property
+    def _budgeted(self) -> bool:
+        budgets, user = self.s.budgets, self._user
+        return budgets is not None and user is not None and budgets.limited(user.config)
 
     async def _check_budget(self, accepted: int | None, command: str) -> Reply | None:
         """At MAIL (``accepted`` None) or RCPT (after ``accepted`` recipients): 451 past the user's budget."""
         budgets, user = self.s.budgets, self._user
-        if budgets is None or user is None or not budgets.limited(user.config):
-            return None
+        assert budgets is not None and user is not None
         try:
             if accepted is None:
                 until = await budgets.mail_refused_until(user.config)
@@ -553,14 +558,17 @@ class Relay:
         )
 
 
-def _run_now(coroutine: Coroutine[defer.Deferred[Any], Any, T], done: Callable[[T], None]) -> None:
+def _run_now(
+    coroutine: Coroutine[defer.Deferred[Any], Any, T], done: Callable[[T], None], crashed: Callable[[], None]
+) -> None:
     """Run a coroutine that awaits only Deferreds as far as it gets in this reactor turn, the rest as
-    each Deferred fires; call ``done`` with its result once it has returned.
+    each Deferred fires; call ``done`` with its result once it has returned, or ``crashed`` with what
+    it raised.
 
-    Most questions never wait (the AUTH cache, allowed senders, local budgets) and the others wait
-    once per upstream reply; Deferred.fromCoroutine would add a Deferred, a context copy and a
-    chain of callbacks to each. Awaiting a Deferred yields it, and resuming the coroutine after it
-    fired delivers its result (a failure is thrown in), so one callback per wait suffices.
+    Most questions never wait (the AUTH cache, local budgets) and the others wait once per upstream
+    reply; Deferred.fromCoroutine would add a Deferred, a context copy and a chain of callbacks to
+    each. Awaiting a Deferred yields it, and resuming the coroutine after it fired delivers its
+    result (a failure is thrown in), so one callback per wait suffices.
     """
 
     def step(result: object = None) -> None:
@@ -571,6 +579,9 @@ def _run_now(coroutine: Coroutine[defer.Deferred[Any], Any, T], done: Callable[[
                 awaited = coroutine.send(result)
         except StopIteration as e:
             done(e.value)
+            return
+        except Exception:
+            crashed()
             return
         awaited.addBoth(step)
 
