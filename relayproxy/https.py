@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    _HTTP11ClientFactory,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -60,8 +61,16 @@ def one_line(text: str, limit: int = MAX_TEXT) -> str:
     return printable if len(printable) <= limit else printable[:limit] + "…"
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 def client(reactor: Any, ca_file: Path | None, *, pool: HTTPConnectionPool | None = None) -> HTTPClient:
     """A treq client for ``https://`` URLs whose certificates chain to ``ca_file`` (None: the system's store)."""
+    if pool is None:
+        pool = HTTPConnectionPool(reactor, persistent=False)  # type: ignore[no-untyped-call]
+    # A "Starting factory" log line per request and connection is noise.
+    pool._factory = _QuietFactory
     # BrowserLikePolicyForHTTPS verifies the chain and the host name; None means the system's trust.
     agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust_root(ca_file)), pool=pool)  # type: ignore[no-untyped-call]
     # No cookies: a token endpoint's session cookies (Microsoft sets several) would tie one

@@ -297,6 +297,10 @@ class Catalogue:
         return composed(550, "5.7.0", f"Microsoft Graph denied upstream {name} access to its mailbox (Mail.Send permission or access policy)")
 
     @staticmethod
+    def graph_drafts_denied(name: str) -> Reply:
+        return composed(550, "5.7.0", f"Microsoft Graph denied upstream {name} a draft: a message over 3 MB needs Mail.ReadWrite")
+
+    @staticmethod
     def graph_refused(name: str, status: int, code: str) -> Reply:
         return composed(554, "5.0.0", f"Microsoft Graph refused the message for upstream {name}: HTTP {status} {_shown(code)}")
 

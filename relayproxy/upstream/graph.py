@@ -564,6 +564,9 @@ class GraphSession:
         reply = verdict(answer.status, answer.headers, answer.body, name)
         if reply.is_positive and not final:
             reply = Catalogue.graph_refused(name, answer.status, what)
+        elif answer.status == 403 and not final and reply.enhanced == "5.7.0":
+            # Only the large-message path uses drafts, and they need a permission of their own.
+            reply = Catalogue.graph_drafts_denied(name)
         if not reply.is_positive:
             log.info("graph refused", upstream=name, step=what, status=answer.status, request=answer.headers.get("request-id", "-"), answer=answer.body[:300])
         return reply
