@@ -34,7 +34,7 @@ from relayproxy.smtp.headers import FromRewriter, HeaderSenders, HeaderTooLong
 from relayproxy.smtp.reply import Catalogue, Reply
 from relayproxy.smtp.session import (
     Abandon, AbortBody, Action, Answer, Ask, Body, CheckMail, CheckRcpt, CheckThrottle, Close, EndOfData,
-    Forward, Forwarded, Login, Logout, Send, ServerSession, SessionSettings, StartTLS, State,
+    Forward, Forwarded, Login, Logout, Send, ServerSession, SessionSettings, StartTLS, State, ASKS,
 )
 from relayproxy.store import StoreUnavailable
 from relayproxy.upstream.interface import Upstream, UpstreamSession
@@ -199,12 +199,14 @@ class Relay:
         self._perform(self.machine.answer(result))
 
     def _do(self, action: Action) -> None:
-        if isinstance(action, Send):
+        if type(action) is Send:
             if action.refused is not None:
                 self._log_refusal(action.reply, action.refused)
             elif action.reply is Catalogue.TOO_MANY_ERRORS:
                 log.warn("too many invalid commands", session=self.session_id, client=self.peer, user=self.username)
             self.io.write(action.reply.to_bytes())
+        elif type(action) in ASKS:
+            self._ask(action)  # type: ignore[arg-type]
         elif isinstance(action, Body):
             self._body(action.data)
         elif isinstance(action, AbortBody):
@@ -223,8 +225,6 @@ class Relay:
             self._user = None
             for upstream in self.s.upstreams.values():
                 upstream.departed(self)
-        else:
-            self._ask(action)
 
     def _ask(self, ask: Ask) -> None:
         work: Coroutine[defer.Deferred[Any], Any, Answer]

@@ -206,7 +206,8 @@ class SMTPServerProtocol(Protocol):
         machine, clock, limits = relay.machine, self.s.clock, self.s.limits
         if machine.state is State.GREETING:
             return
-        self._authenticated(relay.user is not None)
+        if self._slot is not None and (relay.user is not None) != self._slot.authenticated:
+            self._authenticated(relay.user is not None)
         if machine.waiting is not None:
             # The client's timers stop while we work (or wait for the upstream) on its behalf.
             self._was_waiting = True

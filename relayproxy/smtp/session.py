@@ -170,6 +170,7 @@ def _verb(line: bytes) -> str:
 
 
 Ask = CheckThrottle | Login | CheckMail | CheckRcpt | Forward | EndOfData
+ASKS = frozenset({CheckThrottle, Login, CheckMail, CheckRcpt, Forward, EndOfData})
 Action = Send | StartTLS | Close | Body | AbortBody | Abandon | Logout | Ask
 Answer = Reply | Forwarded | None
 
@@ -197,14 +198,14 @@ class _Group:
     items: list[EnvelopeCommand | Send] = field(default_factory=list)
     lines: list[bytes] = field(default_factory=list)
     """The command line of each item, to read again if the group's MAIL fails."""
+    forwarded: list[EnvelopeCommand] = field(default_factory=list)
+    """The items that passed, to go upstream."""
 
     def add(self, item: EnvelopeCommand | Send, line: bytes) -> None:
         self.items.append(item)
         self.lines.append(line)
-
-    @property
-    def forwarded(self) -> tuple[EnvelopeCommand, ...]:
-        return tuple(item for item in self.items if not isinstance(item, Send))
+        if type(item) is not Send:
+            self.forwarded.append(item)  # type: ignore[arg-type]
 
 
 class ServerSession:
@@ -292,8 +293,8 @@ class ServerSession:
 
     def _emit(self, action: Action) -> None:
         self._out.append(action)
-        if isinstance(action, Ask):
-            self.waiting = action
+        if type(action) in ASKS:
+            self.waiting = action  # type: ignore[assignment]
 
     def _advance(self) -> None:
         while self.waiting is None and self.state is not State.CLOSED:
@@ -579,7 +580,7 @@ class ServerSession:
             return
         forwarded = self._group.forwarded
         if forwarded:
-            self._emit(Forward(forwarded))
+            self._emit(Forward(tuple(forwarded)))
         else:
             self._forwarded(Forwarded(()))
 
@@ -641,26 +642,26 @@ class ServerSession:
     # -- answers ------------------------------------------------------------------------------
 
     def _answered(self, ask: Ask, result: Answer) -> None:
-        if isinstance(ask, CheckThrottle):
-            if isinstance(result, Reply):
-                self.state = State.HELLO
-                self._refuse(result, "AUTH")
-            elif ask.username is None:
-                self._sasl_start()
-            else:
-                self._emit(Login(self._credentials))
-        elif isinstance(ask, Login):
-            assert isinstance(result, Reply)
-            self._logged_in(result)
-        elif isinstance(ask, CheckMail | CheckRcpt):
-            assert not isinstance(result, Forwarded)
-            self._checked(ask, result)
-        elif isinstance(ask, Forward):
-            assert isinstance(result, Forwarded) and len(result.replies) == len(ask.commands)
+        kind = type(ask)
+        if kind is Forward:
+            assert isinstance(result, Forwarded) and len(result.replies) == len(ask.commands)  # type: ignore[union-attr]
             self._forwarded(result)
-        else:
+        elif kind is CheckMail or kind is CheckRcpt:
+            assert not isinstance(result, Forwarded)
+            self._checked(ask, result)  # type: ignore[arg-type]
+        elif kind is EndOfData:
             assert isinstance(result, Reply)
             self._reply(result)
+        elif kind is Login:
+            assert isinstance(result, Reply)
+            self._logged_in(result)
+        elif isinstance(result, Reply):
+            self.state = State.HELLO
+            self._refuse(result, "AUTH")
+        elif ask.username is None:  # type: ignore[union-attr]
+            self._sasl_start()
+        else:
+            self._emit(Login(self._credentials))
 
 
 _HANDLERS: dict[str, Callable[[ServerSession, Any], Iterator[Action]]] = {

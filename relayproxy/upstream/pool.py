@@ -27,9 +27,11 @@ class Pool:
         goes with an RSET owed, preferring one whose client has gone over one still reserved for a
         connected client.
         """
-        own = next((connection for connection in self._idle if connection.client is client), None)
-        if own is not None and self._take(own):
-            return own
+        for own in self._idle:
+            if own.client is client:
+                if self._take(own):
+                    return own
+                break
         while self._idle:
             connection = next((c for c in reversed(self._idle) if c.client is None), self._idle[-1])
             if self._take(connection):
