@@ -332,3 +332,39 @@ def test_example_config_documents_every_declared_key_and_no_other() -> None:
     assert documented_keys('[[listener]]\n# tls = "none": prose\nendpoint = "x"\n# [upstream.a]\n# port = 1\n') == {
         "listener.endpoint", "upstream.NAME.port"
     }
+
+
+GRAPH = """
+[upstream.m365]
+kind = "graph"
+username = "alerts@example.org"
+token_url = "https://login.microsoftonline.com/TENANT/oauth2/v2.0/token"
+client_id = "00000000-0000-0000-0000-000000000000"
+client_secret_file = "secret"
+"""
+
+
+def test_a_graph_upstream_loads_with_its_defaults(config_dir: Path) -> None:
+    upstream = load(config_dir, VALID + GRAPH).upstreams["m365"]
+    assert upstream.kind == "graph" and upstream.graph_url == "https://graph.microsoft.com/v1.0"
+    assert upstream.oauth is not None and upstream.oauth.grant == "client_credentials"
+    assert upstream.oauth.scope == "https://graph.microsoft.com/.default" and upstream.oauth.client_secret == "s3cret"
+
+
+def test_smtp_keys_are_refused_for_a_graph_upstream(config_dir: Path) -> None:
+    text = VALID + GRAPH + 'host = "smtp.office365.com"\nmax_messages_per_session = 10\n'
+    lines = problems(config_dir, text)
+    assert any(": upstream.m365.host: not used with kind = \"graph\"" in line for line in lines)
+    assert any(": upstream.m365.max_messages_per_session: not used with kind = \"graph\"" in line for line in lines)
+
+
+def test_a_graph_upstream_needs_a_mailbox_and_a_credential(config_dir: Path) -> None:
+    text = VALID + GRAPH.replace('username = "alerts@example.org"\n', "").replace('client_secret_file = "secret"\n', "")
+    lines = problems(config_dir, text)
+    assert any(": upstream.m365.username: missing" in line for line in lines)
+    assert any("client_secret_file" in line or "client_certificate_file" in line for line in lines)
+
+
+def test_graph_url_is_only_for_graph(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('[upstream.other]\n', '[upstream.other]\ngraph_url = "https://graph.microsoft.com/v1.0"\n'))
+    assert ': upstream.other.graph_url: only used with kind = "graph"' in line

@@ -238,7 +238,7 @@ _GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 _NOT_FOR_GRAPH = (
     "host", "hosts", "port", "tls", "helo_name", "auth", "envelope_from", "header_from", "pool_size", "pool_idle_timeout",
     "connect_timeout", "reply_timeout", "grant", "refresh_token_file", "device_authorization_url", "token_ca_file",
-    "service_account_file", *_PASSWORD.names,
+    "service_account_file", "max_messages_per_session", *_PASSWORD.names,
 )
 
 
