@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 _PLAIN = re.compile(r"[A-Za-z0-9@._:/<>+\-\[\]*#,]+")
@@ -55,10 +56,11 @@ class EventLog:
     def error(self, event: str, **fields: object) -> None:
         self.emit(LogLevel.error, event, **fields)
 
-    def failure(self, event: str, **fields: object) -> None:
-        """An unexpected exception: logged with its traceback (never shown to a client)."""
+    def failure(self, event: str, failure: Failure | None = None, **fields: object) -> None:
+        """An unexpected exception (``failure``, or the one being handled): logged with its
+        traceback, never shown to a client."""
         self._log.failure(
-            "{relayproxy_text}", None, LogLevel.critical,
+            "{relayproxy_text}", failure, LogLevel.critical,
             relayproxy_text=render(event, fields), relayproxy_event=event, relayproxy_fields=fields,
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -115,8 +115,6 @@ class _Transaction:
     recipients: int = 0
     refused: int = 0
 
-
-T = TypeVar("T")
 
 
 class Relay:
@@ -244,11 +242,10 @@ class Relay:
         else:
             work = self._end_of_data(ask)
         self._busy = True
-        _run_now(work, self._answer, self._crashed)
+        defer.Deferred.fromCoroutine(work).addCallbacks(self._answer, self._crashed)
 
-    def _crashed(self) -> None:
-        # Called while the exception is being handled: the log line carries its traceback.
-        log.failure("internal error", session=self.session_id, client=self.peer, user=self.username)
+    def _crashed(self, failure: Failure) -> None:
+        log.failure("internal error", failure, session=self.session_id, client=self.peer, user=self.username)
         self._perform(self.machine.close_with(Catalogue.local_error(self.s.server.hostname)))
         self._answer(None)
 
@@ -556,33 +553,3 @@ class Relay:
             "limit store unavailable", store=error.store, detail=error.detail, command=command,
             session=self.session_id, client=self.peer, user=self.username,
         )
-
-
-def _run_now(
-    coroutine: Coroutine[defer.Deferred[Any], Any, T], done: Callable[[T], None], crashed: Callable[[], None]
-) -> None:
-    """Run a coroutine that awaits only Deferreds as far as it gets in this reactor turn, the rest as
-    each Deferred fires; call ``done`` with its result once it has returned, or ``crashed`` with what
-    it raised.
-
-    Most questions never wait (the AUTH cache, local budgets) and the others wait once per upstream
-    reply; Deferred.fromCoroutine would add a Deferred, a context copy and a chain of callbacks to
-    each. Awaiting a Deferred yields it, and resuming the coroutine after it fired delivers its
-    result (a failure is thrown in), so one callback per wait suffices.
-    """
-
-    def step(result: object = None) -> None:
-        try:
-            if isinstance(result, Failure):
-                awaited = result.throwExceptionIntoGenerator(coroutine)  # type: ignore[no-untyped-call]
-            else:
-                awaited = coroutine.send(result)
-        except StopIteration as e:
-            done(e.value)
-            return
-        except Exception:
-            crashed()
-            return
-        awaited.addBoth(step)
-
-    step()

@@ -260,7 +260,7 @@ class SMTPServerProtocol(Protocol):
     # -- timers and shutdown --------------------------------------------------------------------
 
     def _cancel_timers(self) -> None:
-        self._idle_timeout.cancel()
+        self._idle_timeout.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -1,4 +1,4 @@
-"""Deadline: fires when the latest start says, whatever happened to the pending call in between."""
+"""Deadline: fires when the latest start says; stopped, it leaves no call pending."""
 
 from __future__ import annotations
 
@@ -70,10 +70,10 @@ def test_stopped_and_started_before_the_old_call_fires() -> None:
     assert fired == [550]
 
 
-def test_cancel_leaves_no_call() -> None:
+def test_stop_leaves_no_call() -> None:
     d, clock, fired = deadline()
     d.start(300)
-    d.cancel()
+    d.stop()
     assert clock.getDelayedCalls() == []
     clock.advance(1000)
     assert fired == []

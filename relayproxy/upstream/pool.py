@@ -89,7 +89,7 @@ class Pool:
     def _drop(self, connection: Connection) -> None:
         self._idle.remove(connection)
         if connection.pool_timeout is not None:
-            connection.pool_timeout.cancel()
+            connection.pool_timeout.stop()
         connection.close()
 
     def close_idle(self) -> None:

@@ -80,7 +80,7 @@ class UpstreamProtocol(Protocol):
     def _fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
-        self._reply_timeout.cancel()
+        self._reply_timeout.stop()
         waiters, self._waiters = self._waiters, deque()
         for waiter, _ in waiters:
             waiter.errback(error)
