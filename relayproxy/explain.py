@@ -50,6 +50,7 @@ COMMANDS: tuple[str, ...] = (
 
 SITUATIONS: tuple[str, ...] = (
     "data-timeout", "data-disconnect", "data-rate", "command-timeout", "session-timeout", "unauthenticated-timeout",
+    "upstream-no-smtputf8",
 )
 """Values of ``hint(situation=...)`` with a dedicated hint; others are ignored."""
 
@@ -429,7 +430,8 @@ def _hint(
         return with_note(str(templates["upstream_auth"]).format(upstream=upstream))
     if side == "upstream" and code in (530, 538):
         return with_note(str(templates["upstream_auth_required"]).format(upstream=upstream))
-    if side == "client" and code == 553:
+    # 5.6.7 is about the characters of an address (RFC 6531), not whose it is.
+    if side == "client" and code == 553 and enhanced != "5.6.7":
         listed = _list(allowed, templates)
         key = "sender_not_allowed" if user else "sender_not_allowed_nouser"
         return _clip(str(templates[key]).format(sender=sender or "", user=user or "", allowed=listed))

@@ -376,6 +376,17 @@ class Relay:
             if isinstance(command, Mail):
                 if reply.is_positive:
                     self._transaction = _Transaction(command.sender, self.s.clock.seconds())
+                elif reply.enhanced == "5.6.7":
+                    # The upstream module's own refusal (relayed replies carry no enhanced code):
+                    # SMTPUTF8 mail the upstream cannot take. The client's reply names the upstream,
+                    # the log says what to do.
+                    log.info(
+                        "refused", session=self.session_id, client=self.peer, user=self.username, command="MAIL",
+                        reply=str(reply), hint=hint(
+                            reply.code, reply.enhanced, side="client", command="MAIL",
+                            situation="upstream-no-smtputf8", upstream_name=self._user.upstream.name,
+                        ),
+                    )
             elif isinstance(command, Rcpt) and self._transaction is not None:
                 self._transaction.recipients += reply.is_positive
                 self._transaction.refused += not reply.is_positive

@@ -207,6 +207,8 @@ class Smarthost:
             auth_require_tls=True,
             decode_data=False,
             data_size_limit=64 * 1024 * 1024,
+            # Offered like Gmail's and Microsoft 365's: UTF-8 addresses end to end (RFC 6531).
+            enable_SMTPUTF8=True,
         )
         self._controller.start()
         return self

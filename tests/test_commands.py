@@ -204,15 +204,71 @@ def test_bare_line_ends(line: bytes) -> None:
     "line",
     [
         "EHLO h\u00e9.example".encode("utf-8"),
-        "MAIL FROM:<j\u00f6rg@example.com>".encode("utf-8"),
-        "RCPT TO:<user@b\u00fccher.example>".encode("utf-8"),
+        "AUTH PLAIN \u00e9".encode("utf-8"),
+        "NOOP \u00e9".encode("utf-8"),
+        "M\u0410IL FROM:<a@example.com>".encode("utf-8"),  # a Cyrillic A in the verb
+        "MA\u0131L FROM:<a@example.com>".encode("utf-8"),  # dotless i: "\u0131".upper() == "I"
+        "MAIL FRO\u1d39:<a@example.com>".encode("utf-8"),
         b"NOOP \xff",
         b"\x80",
+        b"MAIL FROM:<j\xf6rg@example.com>",  # Latin-1, not UTF-8
+        b"MAIL FROM:<j\xc3@example.com>",  # a UTF-8 sequence cut short
     ],
 )
-def test_non_ascii(line: bytes) -> None:
+def test_non_ascii_outside_addresses(line: bytes) -> None:
+    # RFC 6531 widens the addresses of MAIL and RCPT only, and only as UTF-8.
     reply = refused(line)
     assert code(reply) == (501, "5.5.2")
+
+
+@pytest.mark.parametrize(
+    "line,address,parameters",
+    [
+        ("MAIL FROM:<j\u00f6rg@example.com> SMTPUTF8", "j\u00f6rg@example.com", (("SMTPUTF8", None),)),
+        ("MAIL FROM:<s\u00e9nder@example.org> smtputf8 BODY=8BITMIME", "s\u00e9nder@example.org",
+         (("SMTPUTF8", None), ("BODY", "8BITMIME"))),
+        ("MAIL FROM:<user@b\u00fccher.example>", "user@b\u00fccher.example", ()),
+        ("MAIL FROM:<\u7528\u6237@\u4f8b\u3048.\u30c6\u30b9\u30c8> SMTPUTF8",
+         "\u7528\u6237@\u4f8b\u3048.\u30c6\u30b9\u30c8", (("SMTPUTF8", None),)),
+        ('MAIL FROM:<"j\u00f6rg smith"@example.com>', '"j\u00f6rg smith"@example.com', ()),
+        ("MAIL FROM:<user@B\u00dcCHER.example>", "user@B\u00dcCHER.example", ()),
+        ("RCPT TO:<\u0434\u0436\u043e@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444>",
+         "\u0434\u0436\u043e@\u043f\u0440\u0438\u043c\u0435\u0440.\u0440\u0444", ()),
+        ("RCPT TO:<user@xn--bcher-kva.example>", "user@xn--bcher-kva.example", ()),
+        # 256 octets in all, the most a path may hold.
+        ("RCPT TO:<" + "\u00e9" * 120 + "@b\u00fccher.example>", "\u00e9" * 120 + "@b\u00fccher.example", ()),
+    ],
+)
+def test_utf8_addresses(line: str, address: str, parameters: tuple[tuple[str, str | None], ...]) -> None:
+    parsed = parse_command(line.encode("utf-8"))
+    assert isinstance(parsed, PathCommand)
+    assert (parsed.address, parsed.parameters) == (address, parameters)
+
+
+@pytest.mark.parametrize(
+    "line,reply",
+    [
+        # A U-label with no A-label form (IDNA 2008) names no reachable domain.
+        ("MAIL FROM:<a@b\u00fc_cher.example>", Catalogue.BAD_SENDER),
+        ("MAIL FROM:<a@\u00fc..example>", Catalogue.BAD_SENDER),
+        ("RCPT TO:<a@\u00fc\u2044x.example>", Catalogue.BAD_RECIPIENT),
+        # A full-width @ maps to "@" (UTS #46): still never a second @ of a routed address.
+        ("MAIL FROM:<ceo@example.org\uff20b\u00fc.example>", Catalogue.BAD_SENDER),
+        ("MAIL FROM:<a@b@c\u00e9.example>", Catalogue.BAD_SENDER),
+        ("RCPT TO:<@r\u00e9lay.example:bob@example.net>", Catalogue.BAD_RECIPIENT),
+        ("MAIL FROM:<j\u00f6rg@example.com> SMTPUTF8=\u00e9", Catalogue.BAD_PARAMETER_SYNTAX),
+        # RFC 5321 4.5.3.1.3: 256 octets, not characters.
+        ("MAIL FROM:<" + "\u00e9" * 121 + "@b\u00fccher.example> SMTPUTF8", Catalogue.BAD_SENDER),
+    ],
+)
+def test_utf8_addresses_refused(line: str, reply: Reply) -> None:
+    assert refused(line.encode("utf-8")) == reply
+
+
+@pytest.mark.parametrize("character", ["\u202e", "\u200b", "\u0085", "\u00a0", "\u2028"])
+def test_invisible_characters_in_addresses(character: str) -> None:
+    # Bidi overrides, zero widths, C1 controls and other spaces would disguise an address in a log.
+    assert code(refused(f"MAIL FROM:<a{character}b@example.com> SMTPUTF8".encode("utf-8"))) == (501, "5.5.2")
 
 
 @pytest.mark.parametrize("line", [b"NOOP\x00", b"EHLO \x1b[31mred", b"NOOP\tx", b"\x7f", b"MAIL FROM:<a@b.example>\x00"])

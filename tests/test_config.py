@@ -368,3 +368,39 @@ def test_a_graph_upstream_needs_a_mailbox_and_a_credential(config_dir: Path) -> 
 def test_graph_url_is_only_for_graph(config_dir: Path) -> None:
     [line] = problems(config_dir, edited('[upstream.other]\n', '[upstream.other]\ngraph_url = "https://graph.microsoft.com/v1.0"\n'))
     assert ': upstream.other.graph_url: only used with kind = "graph"' in line
+
+
+# -- allowed senders with international domains ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("allowed", "address", "expected"),
+    [
+        # The domain's U-labels and A-labels are one domain, whichever side writes which.
+        (("@b\u00fccher.example",), "anna@xn--bcher-kva.example", True),
+        (("@xn--bcher-kva.example",), "anna@b\u00fccher.example", True),
+        (("@B\u00dcCHER.example",), "anna@b\u00fccher.Example", True),
+        (("j\u00f6rg@b\u00fccher.example",), "J\u00f6rg@XN--BCHER-KVA.example", True),
+        (("j\u00f6rg@b\u00fccher.example",), "jorg@b\u00fccher.example", False),
+        (("@b\u00fccher.example",), "anna@bucher.example", False),
+        (("@b\u00fccher.example",), "anna@sub.b\u00fccher.example", False),
+        # The local part is compared as written (lower-cased), not IDNA-mapped.
+        (("@example.com",), "\u7528\u6237@example.com", True),
+        # A domain without an A-label form is nobody's, even next to a domain entry.
+        (("@example.com",), "a@b\u00fc_cher.example", False),
+        # Routed local parts stay outside a domain entry, with U-labels too.
+        (("@b\u00fccher.example",), '"ceo@example.org"@b\u00fccher.example', False),
+        (("@b\u00fccher.example",), "ceo%example.org@xn--bcher-kva.example", False),
+    ],
+)
+def test_may_send_compares_idna_normalised_domains(allowed: tuple[str, ...], address: str, expected: bool) -> None:
+    assert UserConfig("alice", allowed_senders=allowed).may_send(address) is expected
+
+
+def test_international_allowed_senders(config_dir: Path) -> None:
+    config = load(config_dir, edited('"@Team.Example.com"', '"@B\u00fccher.Example", "J\u00f6rg@xn--bcher-kva.example"'))
+    alice = config.users["alice"]
+    assert alice.allowed_senders == ("alice@example.com", "@b\u00fccher.example", "j\u00f6rg@xn--bcher-kva.example")
+    assert alice.may_send("anna@xn--bcher-kva.example") and alice.may_send("j\u00f6rg@b\u00fccher.example")
+    [line] = problems(config_dir, edited('"@Team.Example.com"', '"@b\u00fc_cher.example"'))
+    assert ': users.alice.allowed_senders: "@b\\u00fc_cher.example": the domain is not a valid internationalised domain name (IDNA)' in line

@@ -110,3 +110,59 @@ def test_a_body_fault_aborts_at_once_and_refuses_at_the_end() -> None:
     assert [type(a).__name__ for a in session.receive(b"0123456789\r\n")] == ["AbortBody"]
     end = session.receive(b".\r\n")
     assert isinstance(end[0], EndOfData) and end[0].fault is not None and end[0].last == b""
+
+
+# -- SMTPUTF8 (RFC 6531) ----------------------------------------------------------------------
+
+
+def test_ehlo_offers_smtputf8() -> None:
+    session = ServerSession(SessionSettings("relay.test"))
+    session.greet()
+    [ehlo] = sent(session.receive(b"EHLO client\r\n"))
+    assert "SMTPUTF8" in ehlo.lines
+
+
+def test_smtputf8_mail_and_its_utf8_recipients_go_upstream() -> None:
+    session = logged_in()
+    line = "MAIL FROM:<j\u00f6rg@b\u00fccher.example> SMTPUTF8\r\nRCPT TO:<\u7528\u6237@\u4f8b\u3048.\u30c6\u30b9\u30c8>\r\n"
+    actions = checks(session, session.receive(line.encode("utf-8")))
+    mail = Mail("j\u00f6rg@b\u00fccher.example", smtputf8=True)
+    assert actions == [Forward((mail, Rcpt("\u7528\u6237@\u4f8b\u3048.\u30c6\u30b9\u30c8")))]
+
+
+def test_smtputf8_with_an_ascii_sender_still_marks_the_mail() -> None:
+    # The header may hold UTF-8 (RFC 6532): only an upstream offering SMTPUTF8 may take it.
+    session = logged_in()
+    assert checks(session, session.receive(b"MAIL FROM:<a@x.org> SMTPUTF8 BODY=8BITMIME\r\n")) == [
+        Forward((Mail("a@x.org", eight_bit=True, smtputf8=True),))
+    ]
+
+
+def test_a_utf8_sender_without_smtputf8_is_553_5_6_7() -> None:
+    session = logged_in()
+    assert sent(session.receive("MAIL FROM:<j\u00f6rg@example.com>\r\n".encode("utf-8"))) == [Catalogue.NEEDS_SMTPUTF8]
+    assert Catalogue.NEEDS_SMTPUTF8.code == 553 and Catalogue.NEEDS_SMTPUTF8.enhanced == "5.6.7"
+    assert session.state is State.AUTHENTICATED
+
+
+def test_a_utf8_recipient_needs_an_smtputf8_transaction() -> None:
+    session = logged_in()
+    line = "MAIL FROM:<a@x.org>\r\nRCPT TO:<user@b\u00fccher.example>\r\nRCPT TO:<b@x.org>\r\n"
+    actions = checks(session, session.receive(line.encode("utf-8")))
+    assert actions == [Forward((Mail("a@x.org"), Rcpt("b@x.org")))]
+    assert sent(session.answer(Forwarded((OK, OK)))) == [OK, Catalogue.NEEDS_SMTPUTF8, OK]
+    # The next transaction says SMTPUTF8: its UTF-8 recipient passes.
+    session.receive(b"RSET\r\n")
+    actions = checks(session, session.receive("MAIL FROM:<a@x.org> SMTPUTF8\r\nRCPT TO:<user@b\u00fccher.example>\r\n".encode("utf-8")))
+    assert actions == [Forward((Mail("a@x.org", smtputf8=True), Rcpt("user@b\u00fccher.example")))]
+
+
+def test_an_a_label_recipient_is_ascii() -> None:
+    session = logged_in()
+    actions = checks(session, session.receive(b"MAIL FROM:<a@x.org>\r\nRCPT TO:<user@xn--bcher-kva.example>\r\n"))
+    assert actions == [Forward((Mail("a@x.org"), Rcpt("user@xn--bcher-kva.example")))]
+
+
+def test_smtputf8_takes_no_value() -> None:
+    session = logged_in()
+    assert sent(session.receive(b"MAIL FROM:<a@x.org> SMTPUTF8=yes\r\n")) == [Catalogue.BAD_PARAMETER_SYNTAX]

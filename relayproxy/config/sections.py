@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 
 from relayproxy.config.schema import Invalid, Schema, Setting, section, setting
 from relayproxy.redis import RedisURL, parse_redis_url
+from relayproxy.smtp.addresses import ascii_domain, comparable
 
 DEFAULT_PATH = Path("/etc/relayproxy/relayproxy.toml")
 
@@ -110,6 +111,9 @@ def _sender(value: str) -> str:
     _, at, domain = value.rpartition("@")
     if not at or not domain:
         raise Invalid(f"{json.dumps(value)} is no address or @domain")
+    if ascii_domain(domain) is None:
+        # It could never match: senders are compared by their domains' A-labels.
+        raise Invalid(f"{json.dumps(value)}: the domain is not a valid internationalised domain name (IDNA)")
     return value.lower()
 
 
@@ -285,19 +289,26 @@ class UserConfig:
         """May this user use ``address`` as a sender (MAIL FROM, and the header From and Sender)?"""
         if not self.allowed_senders:
             return True
-        address = address.lower()
+        # Domains as A-labels on both sides: "@bücher.example" covers a@xn--bcher-kva.example, and
+        # the other way round; a domain without an A-label form is no allowed sender's.
+        normal = comparable(address)
+        if normal is None:
+            return False
         # rpartition: a quoted local part may itself contain "@".
-        local, at, domain = address.rpartition("@")
+        local, at, domain = normal.rpartition("@")
         # A quoted local part, a percent hack or a bang path names another mailbox to a server that
         # still honours them ("ceo@example.org"@d, ceo%example.org@d, ceo!example.org@d): a domain
         # entry does not cover them, only an exact one.
         routed = local.startswith('"') or "%" in local or "!" in local
-        for allowed in self.allowed_senders:
-            allowed = allowed.lower()
+        for entry in self.allowed_senders:
+            allowed = comparable(entry)
+            if allowed is None:
+                # An entry whose domain has no A-label form matches nothing (a file cannot hold one: _sender).
+                continue
             if allowed.startswith("@"):
                 if at and allowed == "@" + domain and not routed:
                     return True
-            elif allowed == address:
+            elif allowed == normal:
                 return True
         # The null sender (bounces) cannot be attributed to anyone, so only an
         # unrestricted user may use it; it never matches an entry above.

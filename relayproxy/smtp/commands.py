@@ -1,4 +1,4 @@
-"""Strict parsing of client command lines (RFC 5321 4.1)."""
+"""Strict parsing of client command lines (RFC 5321 4.1), with UTF-8 addresses (RFC 6531 3.3)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,24 @@ import re
 from dataclasses import dataclass
 
 from relayproxy.errors import ProtocolError
+from relayproxy.smtp.addresses import ascii_domain
 from relayproxy.smtp.reply import Catalogue, Reply
 
 MAX_COMMAND_LINE = 512
 """RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included."""
 
 
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# RFC 6531 3.3: atext and qtextSMTP take any non-ASCII character too (the line was checked printable).
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+"
 _DOT_STRING = rf"{_ATOM}(?:\.{_ATOM})*"
-_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_DOMAIN = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 _LITERAL = r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]"
 # Source routes (@a,@b:user@c), bang paths and a second @ do not match: they are how open-relay
-# probes try to make a relay forward mail somewhere the envelope does not show.
-_MAILBOX = re.compile(rf"^(?:{_DOT_STRING}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})$")
+# probes try to make a relay forward mail somewhere the envelope does not show. The domain is
+# checked apart (_valid_mailbox): a U-label is valid when it has an A-label.
+_MAILBOX = re.compile(rf"^(?:{_DOT_STRING}|{_QUOTED})@(?:({_LITERAL})|([^@\[\]]+))$")
 _PARAM = re.compile(r"^([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?$")
 _PATH = re.compile(r"^<([^<>]*)>(?: (.*))?$")
 
@@ -57,22 +60,31 @@ def parse_command(line: bytes) -> Command | PathCommand:
         # A bare CR or LF would let one "line" hold two commands for a peer that splits differently.
         raise ProtocolError(Catalogue.BARE_LINE_END)
     try:
-        text = line.decode("ascii")
+        text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError(Catalogue.SYNTAX) from None
+    # Printable excludes C1 controls and format characters (bidi overrides) as well: none belongs
+    # in an address, and they would disguise one in a log line.
     if not text.isprintable():
         raise ProtocolError(Catalogue.SYNTAX)
     verb, _, argument = text.partition(" ")
+    if not verb.isascii():
+        raise ProtocolError(Catalogue.SYNTAX)
     verb = verb.upper()
     if verb == "MAIL":
         return _parse_path(verb, argument, "FROM:", Catalogue.BAD_SENDER, allow_null=True)
     if verb == "RCPT":
         return _parse_path(verb, argument, "TO:", Catalogue.BAD_RECIPIENT, allow_null=False)
+    if not argument.isascii():
+        # RFC 6531 widens addresses only: EHLO names, AUTH data and the rest stay ASCII.
+        raise ProtocolError(Catalogue.SYNTAX)
     return Command(verb, argument.strip())
 
 
 def _parse_path(verb: str, argument: str, keyword: str, bad: Reply, allow_null: bool) -> PathCommand:
-    if argument[: len(keyword)].upper() != keyword:
+    written = argument[: len(keyword)]
+    # isascii: str.upper maps some non-ASCII letters to ASCII ones ("\u017f" to "S").
+    if not written.isascii() or written.upper() != keyword:
         raise ProtocolError(Catalogue.SYNTAX)
     # Many clients write "MAIL FROM: <a@b>"; the space is harmless, so accept it.
     m = _PATH.match(argument[len(keyword) :].lstrip(" "))
@@ -82,9 +94,10 @@ def _parse_path(verb: str, argument: str, keyword: str, bad: Reply, allow_null: 
     if address == "":
         if not allow_null:
             raise ProtocolError(bad)
-    elif not (_MAILBOX.match(address) or (verb == "RCPT" and address.lower() == "postmaster")):
+    elif not (_valid_mailbox(address) or (verb == "RCPT" and address.lower() == "postmaster")):
         raise ProtocolError(bad)
-    if len(address) > 256:
+    # RFC 5321 4.5.3.1.3 counts octets, and so does RFC 6531 for UTF-8.
+    if len(address.encode("utf-8")) > 256:
         raise ProtocolError(bad)
     parameters: list[tuple[str, str | None]] = []
     for item in rest.split(" ") if rest else []:
@@ -93,3 +106,17 @@ def _parse_path(verb: str, argument: str, keyword: str, bad: Reply, allow_null: 
             raise ProtocolError(Catalogue.BAD_PARAMETER_SYNTAX)
         parameters.append((pm.group(1).upper(), pm.group(2)))
     return PathCommand(verb, address, tuple(parameters))
+
+
+def _valid_mailbox(address: str) -> bool:
+    m = _MAILBOX.match(address)
+    if m is None:
+        return False
+    domain = m.group(2)
+    if domain is None:
+        return True
+    if domain.isascii():
+        return _DOMAIN.match(domain) is not None
+    # RFC 6531 3.3: sub-domain =/ U-label; one without an A-label is no domain anyone can reach.
+    normal = ascii_domain(domain)
+    return normal is not None and _DOMAIN.match(normal) is not None

@@ -17,6 +17,9 @@ class Mail:
     """The client's SIZE declaration (RFC 1870)."""
     eight_bit: bool = False
     """BODY=8BITMIME (RFC 6152)."""
+    smtputf8: bool = False
+    """SMTPUTF8 (RFC 6531): the addresses and the header may hold UTF-8; only an upstream that
+    offers SMTPUTF8 may take the message."""
 
 
 @dataclass(frozen=True)

@@ -200,6 +200,9 @@ class Catalogue:
     BAD_SENDER = composed(501, "5.1.7", "Bad sender address syntax")
     BAD_RECIPIENT = composed(501, "5.1.3", "Bad recipient address syntax")
     UPSTREAM_NO_8BIT = composed(554, "5.6.3", "The upstream does not accept 8-bit content (BODY=8BITMIME)")
+    # RFC 6531 3.5: X.6.7, "non-ASCII addresses not permitted". The address is not echoed: reply
+    # text is ASCII.
+    NEEDS_SMTPUTF8 = composed(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter of MAIL FROM")
     NOT_IMPLEMENTED = composed(502, "5.5.1", "Command not implemented")
     BAD_SEQUENCE = composed(503, "5.5.1", "Bad sequence of commands")
     EHLO_FIRST = composed(503, "5.5.1", "Send EHLO or HELO first")
@@ -263,6 +266,11 @@ class Catalogue:
         """The user's messages per hour or recipients per day are used up until ``time`` (UTC, ISO 8601)."""
         return composed(451, "4.7.1", f"Sending limit reached for {_shown(name)}, try again after {time}")
 
+    @staticmethod
+    def upstream_no_smtputf8(name: str) -> Reply:
+        """MAIL with SMTPUTF8 for an upstream that does not offer it: never sent there (RFC 6531 3.2)."""
+        return composed(553, "5.6.7", f"Upstream {name} does not support international addresses (SMTPUTF8)")
+
     GRAPH_INVALID_RECIPIENTS = composed(550, "5.1.1", "Microsoft Graph refused the recipients (ErrorInvalidRecipients)")
 
     @staticmethod
@@ -299,6 +307,11 @@ class Catalogue:
     @staticmethod
     def graph_drafts_denied(name: str) -> Reply:
         return composed(550, "5.7.0", f"Microsoft Graph denied upstream {name} a draft: a message over 3 MB needs Mail.ReadWrite")
+
+    @staticmethod
+    def graph_no_smtputf8(name: str) -> Reply:
+        """Graph documents no UTF-8 header (RFC 6532) in the MIME sendMail takes: SMTPUTF8 mail is not sent there."""
+        return composed(553, "5.6.7", f"Microsoft Graph upstream {name} does not take international addresses (SMTPUTF8)")
 
     @staticmethod
     def graph_refused(name: str, status: int, code: str) -> Reply:

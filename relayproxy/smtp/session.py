@@ -231,6 +231,8 @@ class ServerSession:
         self._pending = 0
         self._attempted = 0
         self._failed: Reply | None = None
+        self._smtputf8 = False
+        """The transaction's MAIL had SMTPUTF8: its recipients may be UTF-8 too."""
         self._invalid = 0
         self._auth_failures = 0
         self.lines_read = 0
@@ -382,7 +384,9 @@ class ServerSession:
         if not command.argument:
             raise ProtocolError(Catalogue.SYNTAX)
         yield from self._reset()
-        extensions: tuple[str, ...] = ("PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES")
+        extensions: tuple[str, ...] = (
+            "PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+        )
         if self.settings.starttls and not self.tls:
             extensions += ("STARTTLS",)
         if self._auth_allowed and self.state is not State.AUTHENTICATED:
@@ -528,10 +532,18 @@ class ServerSession:
         body = command.parameter("BODY")
         if command.has("BODY") and (body or "").upper() not in ("7BIT", "8BITMIME"):
             raise ProtocolError(Catalogue.BAD_BODY)
+        smtputf8 = command.has("SMTPUTF8")
+        if smtputf8 and command.parameter("SMTPUTF8") is not None:
+            # RFC 6531 3.4: the parameter has no value.
+            raise ProtocolError(Catalogue.BAD_PARAMETER_SYNTAX)
         # AUTH= names the client's identity to the next hop; the upstream must only ever see ours.
-        if any(key not in ("SIZE", "BODY", "AUTH") for key, _ in command.parameters):
+        if any(key not in ("SIZE", "BODY", "AUTH", "SMTPUTF8") for key, _ in command.parameters):
             raise ProtocolError(Catalogue.BAD_PARAMETERS)
-        yield CheckMail(Mail(command.address, int(size) if size is not None else None, (body or "").upper() == "8BITMIME"))
+        if not (smtputf8 or command.address.isascii()):
+            raise ProtocolError(Catalogue.NEEDS_SMTPUTF8)
+        yield CheckMail(Mail(
+            command.address, int(size) if size is not None else None, (body or "").upper() == "8BITMIME", smtputf8,
+        ))
 
     def _transaction_failed(self) -> None:
         if self._failed is not None:
@@ -541,6 +553,8 @@ class ServerSession:
         self._transaction_failed()
         if command.parameters:
             raise ProtocolError(Catalogue.BAD_PARAMETERS)
+        if not (self._smtputf8 or command.address.isascii()):
+            raise ProtocolError(Catalogue.NEEDS_SMTPUTF8)
         recipients = self._accepted + self._pending
         if recipients >= self.settings.max_recipients:
             raise ProtocolError(Catalogue.TOO_MANY_RECIPIENTS)
@@ -569,6 +583,7 @@ class ServerSession:
             self.state = State.TRANSACTION
             self._accepted = self._pending = self._attempted = 0
             self._failed = None
+            self._smtputf8 = ask.mail.smtputf8
             self._group.add(ask.mail, self._line)
         else:
             self._pending += 1

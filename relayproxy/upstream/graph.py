@@ -409,6 +409,14 @@ class GraphSession:
         self.failure: UpstreamError | None = None
 
     async def envelope(self, commands: Sequence[EnvelopeCommand]) -> list[Reply]:
+        first = commands[0]
+        if isinstance(first, Mail) and first.smtputf8:
+            # Graph documents sendMail's MIME as RFC 5322 text and says nothing of UTF-8 header
+            # fields (RFC 6532) or non-ASCII addresses: refused here rather than mangled there.
+            # The rest get MAIL_FIRST: the session reads them again after a refused MAIL, and a
+            # DATA must not get a 354 for a transaction that does not exist.
+            refusal = Catalogue.graph_no_smtputf8(self._upstream.config.name)
+            return [refusal] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
         replies = []
         for command in commands:
             if isinstance(command, Mail):

@@ -56,9 +56,12 @@ def _command(connection: Connection, command: EnvelopeCommand) -> tuple[str, byt
             line += f" SIZE={command.size}"
         if command.eight_bit:
             line += " BODY=8BITMIME"
-        return "MAIL", line.encode("ascii")
+        if command.smtputf8:
+            line += " SMTPUTF8"
+        # UTF-8 addresses come only with SMTPUTF8, which _exchange sends only where it is offered.
+        return "MAIL", line.encode("utf-8")
     if isinstance(command, Rcpt):
-        return "RCPT", f"RCPT TO:<{command.recipient}>".encode("ascii")
+        return "RCPT", f"RCPT TO:<{command.recipient}>".encode("utf-8")
     return "DATA", b"DATA"
 
 
@@ -104,6 +107,9 @@ class SMTPSession:
             if commands[0].eight_bit and not connection.supports("8BITMIME"):
                 # Never sent unannounced (RFC 6152 3): the upstream may mangle the eighth bit.
                 return [Catalogue.UPSTREAM_NO_8BIT] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
+            if commands[0].smtputf8 and not connection.supports("SMTPUTF8"):
+                # RFC 6531 3.2: no downgrade; UTF-8 addresses or header fields would be refused or mangled there.
+                return [Catalogue.upstream_no_smtputf8(connection.config.name)] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
             connection.used = True
             self._accepted = 0
         lines = [_command(connection, command) for command in commands]
