@@ -176,6 +176,17 @@ def test_hint_553_names_sender_and_allowed_senders() -> None:
     assert "gmail" in upstream and "<x@example.org>" in upstream and "Send-mail-as" in upstream
 
 
+def test_hint_553_5_6_7_is_about_smtputf8_not_the_senders_owner() -> None:
+    # A UTF-8 address without SMTPUTF8: the client is told to use it, with no allowed_senders list.
+    line = ex.hint(553, "5.6.7", side="client", command="MAIL", sender="j\u00f6rg@example.org",
+                   allowed_senders=["scanner@example.org"], user="printer")
+    assert "SMTPUTF8" in line and "allowed_senders" not in line and "CRLF" not in line
+    assert "SMTPUTF8" in ex.hint(553, "5.6.7", side="client", command="RCPT")
+    # Refused for the upstream's want of it: the log names the upstream.
+    upstream = ex.hint(553, "5.6.7", side="client", command="MAIL", situation="upstream-no-smtputf8", upstream_name="smarthost")
+    assert upstream.startswith("upstream smarthost does not support international addresses (no SMTPUTF8)")
+
+
 def test_hint_other_contexts() -> None:
     assert "max_connections_per_ip" in ex.hint(421, "4.7.0", side="client", command="greeting")
     line = ex.hint(451, "4.4.1", side="client", command="MAIL", upstream_name="smarthost")
