@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from relayproxy.config import Config, UpstreamConfig, UserConfig
+from relayproxy.config.sections import Network
 from relayproxy.logs import EventLog
 from relayproxy.usersfile import DEFAULT_ROUNDS, check_password, read_users_file
 # bench/run.py makes its users file with these, imported from here.
@@ -211,3 +212,14 @@ class RelayRealm:
 def make_portal(config: Config, run_in_thread: RunInThread) -> Portal:
     """The Portal that SMTP AUTH logs in through; its avatars provide IRelayUser."""
     return Portal(RelayRealm(config), [UsersFileChecker(config.auth.users_file, run_in_thread, config.auth.cache_seconds)])
+
+
+def device_users(config: Config) -> tuple[tuple[Network, RelayUser], ...]:
+    """Every user's devices networks, each with the user a client from there is (allow_ip_login)."""
+    return tuple(
+        (network, RelayUser(name, user, config.upstreams[user.upstream]))
+        for name, user in config.users.items()
+        # load_config refuses a user routed nowhere; here such a user has no device to be.
+        if user.upstream in config.upstreams
+        for network in user.devices
+    )

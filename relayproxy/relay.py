@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
+from relayproxy.config.sections import Network, client_ip, in_networks
 from relayproxy.credentials import IRelayUser, RelayUser, name_digest
 from relayproxy.errors import UpstreamError
 from relayproxy.explain import codes_of, hint, upstream_failure_hint
@@ -72,6 +73,8 @@ class ServerSettings:
     """Which (user, address) logins were logged lately; None: log every login."""
     known_user: Callable[[str], bool] | None = field(default=None, repr=False)
     """Whether a name is in the users file; None: every name is logged as typed."""
+    devices: tuple[tuple[Network, RelayUser], ...] = field(default=(), repr=False)
+    """The users' devices networks, each with its user; empty unless the listener has allow_ip_login."""
 
     @property
     def implicit_tls(self) -> bool:
@@ -123,10 +126,12 @@ class Relay:
         self.io = io
         self.peer = peer
         self.session_id = session_id
-        self.machine = ServerSession(settings.session())
+        self._device = self._device_user(peer)
+        """The user this client's address is (allow_ip_login); an identity TLS does not change."""
+        self.machine = ServerSession(settings.session(), identified=self._device is not None)
         self._actions: deque[Action] = deque()
         self._running = False
-        self._user: RelayUser | None = None
+        self._user: RelayUser | None = self._device
         self._upstream: UpstreamSession | None = None
         self._transaction: _Transaction | None = None
         self._rewriter: FromRewriter | None = None
@@ -219,8 +224,9 @@ class Relay:
             self._transaction = None
             self._release_upstream()
         elif isinstance(action, Logout):
-            # Everything learnt before TLS is forgotten, the upstream session kept for this client too.
-            self._user = None
+            # Everything learnt before TLS is forgotten, the upstream session kept for this client too;
+            # a device's identity came from its address, not from the plaintext.
+            self._user = self._device
             for upstream in self.s.upstreams.values():
                 upstream.departed(self)
 
@@ -275,6 +281,16 @@ class Relay:
 
     # -- AUTH ---------------------------------------------------------------------------------
 
+    def _device_user(self, peer: str) -> RelayUser | None:
+        ip = client_ip(peer) if self.s.devices else None
+        if ip is None:
+            return None
+        # load_config refused overlapping devices networks of two users: at most one user matches.
+        user = next((user for network, user in self.s.devices if ip in network), None)
+        if user is not None and (self.s.logins is None or self.s.logins.first((user.name, peer))):
+            log.info("device ok", client=peer, user=user.name, session=self.session_id)
+        return user
+
     async def _check_throttle(self, username: str | None) -> Reply | None:
         # Refused before bcrypt runs: a guesser must not cost us a thread per attempt.
         try:
@@ -307,6 +323,12 @@ class Relay:
             self.s.metrics.auth("error")
             return Catalogue.AUTH_TEMPORARY
         assert isinstance(avatar, RelayUser)
+        networks = avatar.config.allowed_networks
+        if networks and not in_networks(self.peer, networks):
+            # After the password check, with the reply of a wrong one: a guesser elsewhere learns
+            # nothing about the password, nor that the rule exists.
+            rule = f"client not in allowed_networks of [users.{avatar.name}]"
+            return await self._auth_failed(credentials.username, rule)
         self._user = avatar
         self.s.throttle.succeeded(self.peer, credentials.username)
         self.s.metrics.auth("ok")

@@ -15,6 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayproxy.config.sections import in_networks
 from relayproxy.deadline import Deadline
 from relayproxy.explain import hint
 from relayproxy.limits import Slot
@@ -119,6 +120,17 @@ class SMTPServerProtocol(Protocol):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
+        listener = self.s.listener
+        if listener.allowed_networks and not in_networks(self.peer, listener.allowed_networks):
+            # Before a connection slot or a session: a stranger costs nothing but this line.
+            log.warn(
+                "connection refused", session=self.session_id, client=self.peer, reason="not in allowed_networks",
+                endpoint=listener.endpoint, hint=hint(554, "5.7.1", side="client", command="greeting"),
+            )
+            self.s.metrics.connection_refused("network not allowed")
+            self.write(Catalogue.network_refused(self.s.server.hostname).to_bytes())
+            self.close()
+            return
         slot = self.s.connections.open(self.peer)
         if isinstance(slot, str):
             log.warn("connection refused", session=self.session_id, client=self.peer, reason="too many connections", limit=slot)

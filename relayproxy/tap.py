@@ -21,7 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from relayproxy.config import Config, ListenerConfig, TLSConfig, load_config
-from relayproxy.credentials import known_names, make_portal
+from relayproxy.credentials import device_users, known_names, make_portal
 from relayproxy.errors import ConfigError
 from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter
 from relayproxy.listening import CannotListen, ListenerService, bind_all
@@ -64,27 +64,71 @@ class Options(usage.Options):
             raise SystemExit(2) from None
 
 
-SERVER_TLS12_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(  # type: ignore[no-untyped-call]
+_SERVER_TLS12 = (
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
     "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
+SERVER_TLS12_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(_SERVER_TLS12)  # type: ignore[no-untyped-call]
 """TLS 1.2 suites offered to clients: forward-secret ECDHE with an AEAD cipher only (Mozilla's
 "intermediate" list without DHE). No CBC (padding oracles such as Lucky13), no RSA key exchange
 (no forward secrecy, ROBOT), no SHA1 MAC. TLS 1.3 keeps OpenSSL's suites, all of them AEAD."""
 
+LEGACY_CIPHERS = (
+    _SERVER_TLS12 + ":ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES256-SHA:"
+    "AES128-SHA:AES256-SHA"
+)
+"""A listener lowered to TLS 1.0 or 1.1 without its own tls_ciphers: TLS 1.0 and 1.1 define no AEAD
+suite, so old devices get AES-CBC with SHA1 (forward-secret first, plain RSA key exchange last for
+printers that know nothing else); the strong suites stay first for clients that can use them."""
 
-def server_tls_options(tls: TLSConfig) -> Any:
-    """The TLS settings of every client-facing listener: STARTTLS and implicit TLS alike, with the
-    certificate chain and key load_config read and checked."""
+_VERSIONS = {
+    "TLSv1": ssl.TLSVersion.TLSv1_0, "TLSv1.1": ssl.TLSVersion.TLSv1_1, "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+TLSPolicy = tuple[str, str | None]
+"""A listener's tls_min_version and tls_ciphers: listeners with the same one share a context."""
+
+
+def tls_policy(listener: ListenerConfig) -> TLSPolicy:
+    return listener.tls_min_version, listener.tls_ciphers
+
+
+def server_tls_options(tls: TLSConfig, policy: TLSPolicy = ("TLSv1.2", None)) -> ssl.CertificateOptions:
+    """The TLS settings of a client-facing listener: STARTTLS and implicit TLS alike, with the
+    certificate chain and key load_config read and checked, and the listener's version and suites."""
     assert tls.private_key is not None and tls.chain
+    version, ciphers = policy
+    legacy = version in ("TLSv1", "TLSv1.1")
+    cipher_string = ciphers or (LEGACY_CIPHERS if legacy else _SERVER_TLS12)
+    if legacy and "@SECLEVEL" not in cipher_string:
+        # OpenSSL 3 refuses TLS 1.0 and 1.1 at security level 1 and above (their handshake signs with
+        # SHA1): without level 0 the version would be configured and never negotiated.
+        cipher_string += ":@SECLEVEL=0"
+    acceptable = (
+        SERVER_TLS12_CIPHERS if cipher_string == _SERVER_TLS12
+        else ssl.AcceptableCiphers.fromOpenSSLCipherString(cipher_string)  # type: ignore[no-untyped-call]
+    )
+    bound = {"insecurelyLowerMinimumTo": _VERSIONS[version]} if legacy else {"raiseMinimumTo": _VERSIONS[version]}
     # pyOpenSSL takes cryptography's objects (its own X509/PKey are deprecated); Twisted's hints lag.
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=cast(Any, tls.private_key),
         certificate=cast(Any, tls.chain[0]),
         extraCertChain=cast(Any, list(tls.chain[1:])),
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableCiphers=SERVER_TLS12_CIPHERS,
+        acceptableCiphers=acceptable,
+        **bound,
     )
+    if cipher_string != _SERVER_TLS12:
+        # Twisted keeps only the suites' names, which drops a @SECLEVEL: the context built now (and
+        # kept by CertificateOptions for every connection) gets the string itself.
+        options.getContext().set_cipher_list(cipher_string.encode("ascii"))
+    return options
+
+
+def _server_tls(config: Config) -> dict[TLSPolicy, ssl.CertificateOptions]:
+    """The options of each listener's policy; none without a certificate."""
+    if config.tls.private_key is None:
+        return {}
+    return {policy: server_tls_options(config.tls, policy) for policy in {tls_policy(listener) for listener in config.listeners}}
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -121,6 +165,8 @@ class _Listener:
     config: ListenerConfig
     factory: SMTPServerFactory
     service: ListenerService
+    tls: ReloadableServerTLS | None
+    """Its server TLS settings (an implicit TLS factory keeps this object: a reload swaps its current)."""
 
 
 Shared = tuple[Portal, dict[str, SMTPUpstream | GraphUpstream]]
@@ -139,7 +185,6 @@ class RelayService(MultiService):
         self.config = config
         self._reactor = reactor
         self._load = load
-        self._tls = ReloadableServerTLS(server_tls_options(config.tls)) if config.tls.private_key else None
         # Before any factory or connector is built: they keep the object they are given. A reload
         # keeps it too, so counters run on across SIGHUP.
         prometheus = PrometheusMetrics() if config.metrics.endpoint else None
@@ -154,7 +199,8 @@ class RelayService(MultiService):
         self._upstreams: dict[str, SMTPUpstream | GraphUpstream] = {}
         shared = self._shared(config)
         self._upstreams = shared[1]
-        self._listeners = [self._listener(config, listener, shared, self._tls) for listener in config.listeners]
+        options = _server_tls(config)
+        self._listeners = [self._listener(config, listener, shared, options) for listener in config.listeners]
         for listener in self._listeners:
             listener.service.setServiceParent(self)  # type: ignore[no-untyped-call]
         # The factories of listeners a reload removed, while they still have sessions to drain.
@@ -205,17 +251,21 @@ class RelayService(MultiService):
             budgets=self._budgets,
             logins=self._logins,
             known_user=known_names(portal),
+            devices=device_users(config) if listener.allow_ip_login else (),
         )
 
-    def _listener(self, config: Config, listener: ListenerConfig, shared: Shared, tls: ReloadableServerTLS | None) -> _Listener:
+    def _listener(
+        self, config: Config, listener: ListenerConfig, shared: Shared, options: dict[TLSPolicy, ssl.CertificateOptions]
+    ) -> _Listener:
         """A listener's factory and service, not bound yet."""
+        tls = ReloadableServerTLS(options[tls_policy(listener)]) if options else None
         server_factory = SMTPServerFactory(self._settings(config, listener, shared, tls))
         factory: IProtocolFactory = server_factory
         if listener.tls == "implicit":
             assert tls is not None, "load_config requires [tls] for TLS listeners"
             factory = TLSMemoryBIOFactory(tls, False, factory)
         # haproxy:INNER: the PROXY header reader wraps the (TLS-wrapped) factory, outermost.
-        return _Listener(listener, server_factory, listener_service(listener.endpoint, factory, self._reactor))
+        return _Listener(listener, server_factory, listener_service(listener.endpoint, factory, self._reactor), tls)
 
     def _bind(self) -> None:
         bind_all(child for child in self if isinstance(child, ListenerService))
@@ -293,7 +343,7 @@ class RelayService(MultiService):
             new = self._load()
         except ConfigError as e:
             return self._refuse(e.problems)
-        tls = server_tls_options(new.tls) if new.tls.private_key else None
+        options = _server_tls(new)
         if new.metrics != self.config.metrics:
             log.warn("reload: [metrics] changes take effect only after a restart")
             new = replace(new, metrics=self.config.metrics)
@@ -302,8 +352,6 @@ class RelayService(MultiService):
             new = replace(new, limits=replace(new.limits, store=self.config.limits.store))
         if new.log != self.config.log:
             log.warn("reload: [log] format changes take effect only after a restart")
-        # The first [tls] of a proxy that had none (its first TLS listener) is a new object.
-        server_tls = self._tls or (ReloadableServerTLS(tls) if tls is not None else None)
         shared = self._shared(new)
         unclaimed = {listener.config.endpoint: listener for listener in self._listeners}
         plan: list[tuple[_Listener, ListenerConfig]] = []
@@ -311,7 +359,7 @@ class RelayService(MultiService):
         for wanted in new.listeners:
             kept = unclaimed.pop(wanted.endpoint, None)
             if kept is None:
-                kept = self._listener(new, wanted, shared, server_tls)
+                kept = self._listener(new, wanted, shared, options)
                 added.append(kept)
             elif (kept.config.tls == "implicit") != (wanted.tls == "implicit"):
                 # The socket's factory is TLS-wrapped or not from the moment it listens.
@@ -323,15 +371,20 @@ class RelayService(MultiService):
         except CannotListen as e:
             return self._refuse([f"{new.path}: {e}"])
         # Bound: from here on nothing can fail, and the new configuration is in force.
-        if server_tls is not None and tls is not None:
-            server_tls.current = tls
-        self._tls = server_tls
         self._throttle.update(new.limits)
         self._connections.update(new.limits)
         self._upstreams = shared[1]
         for listener, wanted in plan:
             listener.config = wanted
-            listener.factory.settings = self._settings(new, wanted, shared, server_tls)
+            current = options.get(tls_policy(wanted))
+            if current is None:
+                listener.tls = None
+            elif listener.tls is None:
+                # The first [tls] of a proxy that had none: a new object for this listener.
+                listener.tls = ReloadableServerTLS(current)
+            else:
+                listener.tls.current = current
+            listener.factory.settings = self._settings(new, wanted, shared, listener.tls)
         removed = list(unclaimed.values())
         self._retired = [factory for factory in self._retired if factory.sessions] + [listener.factory for listener in removed]
         for listener in removed:

@@ -26,7 +26,7 @@ from OpenSSL import SSL
 
 from relayproxy.config.schema import Invalid, Setting, Source, Table, fix_of, key_names, settings
 from relayproxy.config.sections import (
-    DEFAULT_UPSTREAM, HOSTS, TABLES, AuthConfig, ClientCertificate, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig,
+    DEFAULT_UPSTREAM, HOSTS, TABLES, AuthConfig, ClientCertificate, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig, Network,
     OAuthConfig, ServerConfig, ServiceAccount, TLSConfig, TLSKey, UpstreamConfig, UserConfig, _https_url, endpoint_fields,
 )
 from relayproxy.errors import ConfigError
@@ -89,8 +89,64 @@ def _listeners(top: Table) -> tuple[ListenerConfig, ...]:
                 'use "starttls" or "implicit", bind a loopback interface such as '
                 '"tcp:2525:interface=127.0.0.1", or set allow_plaintext_auth = true',
             )
+        _listener_tls(table, listener)
         listeners.append(listener)
     return tuple(listeners)
+
+
+_TLS_KEYS = ("tls_min_version", "tls_ciphers")
+
+
+def _listener_tls(table: Table, listener: ListenerConfig) -> None:
+    """A listener's own TLS policy: only with TLS, ciphers OpenSSL knows, and an old version only
+    where no stranger can use it."""
+    if listener.tls == "none":
+        for key in _TLS_KEYS:
+            if key in table.data:
+                table.problem(key, 'only used with tls = "starttls" or "implicit"', "remove it, or give the listener TLS")
+        return
+    if listener.tls_ciphers is not None:
+        try:
+            SSL.Context(SSL.TLS_SERVER_METHOD).set_cipher_list(listener.tls_ciphers.encode("ascii", "replace"))
+        except SSL.Error:
+            openssl = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+            what = f"{openssl} knows no cipher in {json.dumps(listener.tls_ciphers)}"
+            table.problem("tls_ciphers", what, fix_of(settings(ListenerConfig)["tls_ciphers"]))
+    if (
+        listener.tls_min_version in ("TLSv1", "TLSv1.1") and not listener.allowed_networks
+        and table.ok("endpoint") and _binds_publicly(listener.endpoint)
+    ):
+        table.problem(
+            "tls_min_version",
+            f'"{listener.tls_min_version}" on an interface the Internet may reach (no interface, 0.0.0.0, ::, a host '
+            "name or a global address) would offer broken TLS to anyone",
+            'bind a private or loopback interface such as "tcp:587:interface=192.168.10.1", or set allowed_networks '
+            'to the old devices\' networks, such as ["192.168.10.0/24"]',
+        )
+
+
+def _binds_publicly(endpoint: str) -> bool:
+    """Might clients from the Internet reach ``endpoint``? Only a Unix socket, or an interface that
+    is a loopback, private (RFC 1918, ULA), link-local or otherwise non-global address, says no."""
+    fields = endpoint_fields(endpoint)
+    kind = fields[0].lower()
+    if kind == "haproxy":
+        # Its clients are whoever HAProxy's frontend accepts, wherever the socket itself listens.
+        return True
+    if kind == "unix":
+        return False
+    interfaces = [f.removeprefix("interface=") for f in fields[1:] if f.startswith("interface=")]
+    if not interfaces:
+        # Twisted listens on every interface; a systemd socket's binding is not in the string.
+        return True
+    host = interfaces[0].replace("\\:", ":")
+    if host.lower() == "localhost":
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return ip.is_unspecified or ip.is_global
 
 
 def _binds_locally(endpoint: str) -> bool:
@@ -577,6 +633,7 @@ def _users(outer: Table, upstreams: Mapping[str, UpstreamConfig], user_names: fr
         if upstreams and user.upstream not in upstreams:
             fix = f"name one of the configured upstreams ({', '.join(upstreams)}) or add that section"
             table.problem("upstream", f"no [upstream.{user.upstream}] section", fix)
+    _devices(outer, users)
     if upstreams and DEFAULT_UPSTREAM not in upstreams:
         for name in sorted(user_names - users.keys()):
             outer.problem(
@@ -586,6 +643,22 @@ def _users(outer: Table, upstreams: Mapping[str, UpstreamConfig], user_names: fr
                 f'add [users.{name}] with upstream = "NAME" or an [upstream.{DEFAULT_UPSTREAM}] section',
             )
     return users
+
+
+def _devices(outer: Table, users: Mapping[str, UserConfig]) -> None:
+    """One address, one user: a device's address must not name two users."""
+    claimed: list[tuple[Network, str]] = []
+    for name, user in users.items():
+        for network in user.devices:
+            for other, owner in claimed:
+                if owner != name and network.version == other.version and network.overlaps(other):
+                    outer.table(name).problem(
+                        "devices",
+                        f"{network} overlaps {other} of [users.{owner}]: a device there would be both users",
+                        "give each device's address to one user only (a /32 per device)",
+                    )
+                    break
+            claimed.append((network, name))
 
 
 def _limits(table: Table) -> LimitsConfig:

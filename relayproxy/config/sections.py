@@ -6,6 +6,7 @@ etc/relayproxy.toml documents each key declared here (tests/test_config.py holds
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import re
 import urllib.parse
@@ -30,6 +31,8 @@ UpstreamAuth = Literal["password", "xoauth2"]
 UpstreamKind = Literal["smtp", "graph"]
 OAuthGrant = Literal["refresh_token", "client_credentials", "service_account"]
 LogFormat = Literal["text", "json"]
+TLSVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 TLSKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey | dsa.DSAPrivateKey
 """The private keys that can serve TLS."""
 
@@ -117,6 +120,35 @@ def _sender(value: str) -> str:
     return value.lower()
 
 
+def _network(value: str) -> Network:
+    try:
+        # strict: "192.0.2.10/24" has host bits set, a typo for /32 or for 192.0.2.0/24.
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        raise Invalid(f"{json.dumps(value)} is not a network ({e})") from None
+
+
+_NETWORKS = 'write CIDR networks such as ["192.168.10.0/24", "2001:db8::/48"] (one address: "192.0.2.10/32")'
+
+
+def client_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address as allowed_networks and devices see it; None for a Unix socket's peer."""
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return None
+    # A tcp6 listener sees IPv4 clients as ::ffff:a.b.c.d: they are matched as the IPv4 address.
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_networks(peer: str, networks: tuple[Network, ...]) -> bool:
+    """Is the client at ``peer`` in one of ``networks``?"""
+    ip = client_ip(peer)
+    return ip is not None and any(ip in network for network in networks)
+
+
 def _store(value: str) -> Literal["memory"] | RedisURL:
     if value == "memory":
         return "memory"
@@ -152,6 +184,16 @@ class ListenerConfig:
     endpoint: str = setting(fix='write one such as "tcp:587:interface=0.0.0.0"', parse=_listener_endpoint)
     tls: ListenerTLS = setting(default="starttls")
     allow_plaintext_auth: bool = setting(default=False)
+    tls_min_version: TLSVersion = setting(default="TLSv1.2")
+    """The oldest TLS version this listener accepts; below TLSv1.2 needs allowed_networks on a public interface (rules.py)."""
+    tls_ciphers: str | None = setting(
+        default=None, fix='write an OpenSSL cipher string such as "ECDHE+AESGCM:ECDHE+AES:@SECLEVEL=0", or remove it for the default'
+    )
+    """The TLS 1.2-and-older suites offered; None: relayproxy's (tap.py), which depend on tls_min_version."""
+    allowed_networks: tuple[Network, ...] = setting(default=(), parse=_network, fix=_NETWORKS)
+    """Clients from elsewhere get 554 5.7.1 at the greeting; empty: any client."""
+    allow_ip_login: bool = setting(default=False)
+    """Clients from a user's devices networks are that user without AUTH on this listener."""
 
 
 @section
@@ -284,6 +326,10 @@ class UserConfig:
     """Accepted recipients of those messages in the last 24 hours, at most; None: unlimited."""
     check_header_from: bool = setting(default=True)
     """With allowed_senders: the header From and Sender must be allowed addresses too."""
+    allowed_networks: tuple[Network, ...] = setting(default=(), parse=_network, fix=_NETWORKS)
+    """AUTH as this user from elsewhere fails like a wrong password; empty: from anywhere."""
+    devices: tuple[Network, ...] = setting(default=(), parse=_network, fix=_NETWORKS)
+    """Clients from these networks are this user without AUTH, on listeners with allow_ip_login."""
 
     def may_send(self, address: str) -> bool:
         """May this user use ``address`` as a sender (MAIL FROM, and the header From and Sender)?"""

@@ -241,6 +241,10 @@ class Catalogue:
         return composed(421, "4.7.0", f"{hostname} Too many connections, try again later")
 
     @staticmethod
+    def network_refused(hostname: str) -> Reply:
+        return composed(554, "5.7.1", f"{hostname} Connections from your address are not accepted here")
+
+    @staticmethod
     def local_error(hostname: str) -> Reply:
         return composed(421, "4.3.0", f"{hostname} Local error, closing connection")
 

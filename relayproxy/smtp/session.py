@@ -209,8 +209,10 @@ class _Group:
 
 
 class ServerSession:
-    def __init__(self, settings: SessionSettings) -> None:
+    def __init__(self, settings: SessionSettings, *, identified: bool = False) -> None:
         self.settings = settings
+        self._identified = identified
+        """The client is a user by its address (an IP-bound device): authenticated once it says hello."""
         self.state = State.GREETING
         self.tls = settings.implicit_tls
         self._lines = LineBuffer(MAX_COMMAND_LINE)
@@ -403,7 +405,7 @@ class ServerSession:
         """EHLO, HELO and RSET end a transaction (RFC 5321 4.1.4); a first hello moves on."""
         if self.state is State.TRANSACTION:
             yield Abandon()
-        if self.state in (State.TRANSACTION, State.AUTHENTICATED):
+        if self.state in (State.TRANSACTION, State.AUTHENTICATED) or self._identified:
             self.state = State.AUTHENTICATED
         else:
             self.state = State.HELLO
