@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from email.utils import getaddresses
 
+from relayproxy.smtp.headers import header_fields
 from relayproxy.smtp.reply import Catalogue, Reply
 
 _END_OF_HEADER = b"\r\n\r\n"
@@ -34,16 +35,6 @@ class Unstuffer:
         return data.replace(b"\r\n..", b"\r\n.")
 
 
-def _fields(header: bytes) -> list[bytes]:
-    fields: list[bytes] = []
-    for line in header.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\r\n" + line
-        elif line:
-            fields.append(line)
-    return fields
-
-
 def fit_recipients(message: bytes, envelope: Sequence[str]) -> bytes:
     """``message`` with To and Cc naming only envelope recipients and a Bcc for the rest of them.
 
@@ -56,7 +47,7 @@ def fit_recipients(message: bytes, envelope: Sequence[str]) -> bytes:
     wanted = {address.lower() for address in envelope}
     shown: set[str] = set()
     out: list[bytes] = []
-    for field in _fields(header):
+    for field in header_fields(header):
         match = _RECIPIENT_FIELDS.match(field)
         if match is None:
             out.append(field)

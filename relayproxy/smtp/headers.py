@@ -58,7 +58,7 @@ class FromRewriter:
         return self._rewrite(header) + rest
 
     def _rewrite(self, header: bytes) -> bytes:
-        fields = _fields(header)
+        fields = header_fields(header)
         has_reply_to = any(_REPLY_TO.match(f) for f in fields)
         replacement = [b"From: " + self._from]
         out: list[bytes] = []
@@ -74,7 +74,7 @@ class FromRewriter:
         return b"".join(f + b"\r\n" for f in replacement + out)
 
 
-def _fields(header: bytes) -> list[bytes]:
+def header_fields(header: bytes) -> list[bytes]:
     """The header block's fields, folded lines joined to their field (RFC 5322 2.2.3)."""
     fields: list[bytes] = []
     for line in header.split(b"\r\n"):
@@ -114,7 +114,7 @@ class HeaderSenders:
         self._held = b""
         values = [
             field.split(b":", 1)[1].replace(b"\r\n", b"").decode("utf-8", "replace")
-            for field in _fields(header) if _SENDERS.match(field)
+            for field in header_fields(header) if _SENDERS.match(field)
         ]
         # An unparseable field yields an empty address, which no allowed sender matches.
         self.addresses = [address for _, address in getaddresses(values)] if values else []
