@@ -72,6 +72,12 @@ async def _check_graph(upstream: UpstreamConfig, reactor: Any, say: Callable[[st
         say(f"     hint: {NO_MAIL_SEND_HINT}")
         return False
     shown = ", ".join([MAIL_SEND] + sorted(set(roles) - {MAIL_SEND}))
+    if not upstream.save_to_sent and MAIL_READ_WRITE not in roles:
+        # Every message goes as a draft then: without the permission none could be sent.
+        needs = "which save_to_sent = false needs for every message"
+        say(f"FAIL upstream {upstream.name} {where}: the {got} lacks {MAIL_READ_WRITE}, {needs}; roles: {shown}; {expiry}")
+        say(f"     hint: {NO_MAIL_READ_WRITE_HINT}")
+        return False
     # Mail.ReadWrite only matters for a message too large for one sendMail request.
     drafts = "" if MAIL_READ_WRITE in roles else f"; without {MAIL_READ_WRITE}, a message over about 3 MB (sent as a draft) is refused"
     say(f"ok   upstream {upstream.name} {where}: {got}, roles: {shown}, {expiry}; no mail sent{drafts}")
@@ -80,6 +86,10 @@ async def _check_graph(upstream: UpstreamConfig, reactor: Any, say: Callable[[st
 
 MAIL_SEND = "Mail.Send"
 MAIL_READ_WRITE = "Mail.ReadWrite"
+NO_MAIL_READ_WRITE_HINT = (
+    "grant the app the application permission Mail.ReadWrite with admin consent as for Mail.Send (or its Exchange "
+    "RBAC for Applications role), or remove save_to_sent = false to send by sendMail and keep a copy in Sent Items"
+)
 NO_MAIL_SEND_HINT = (
     "grant the app the application permission Mail.Send with admin consent: Entra admin center, App registrations, "
     "the app, API permissions, Add a permission, Microsoft Graph, Application permissions, Mail.Send, then Grant admin "

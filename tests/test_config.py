@@ -370,6 +370,18 @@ def test_graph_url_is_only_for_graph(config_dir: Path) -> None:
     assert ': upstream.other.graph_url: only used with kind = "graph"' in line
 
 
+def test_save_to_sent_defaults_to_true_and_may_be_false(config_dir: Path) -> None:
+    assert load(config_dir, VALID + GRAPH).upstreams["m365"].save_to_sent is True
+    assert load(config_dir, VALID + GRAPH + "save_to_sent = false\n").upstreams["m365"].save_to_sent is False
+
+
+def test_save_to_sent_is_only_for_graph(config_dir: Path) -> None:
+    [line] = problems(config_dir, edited('[upstream.other]\n', '[upstream.other]\nsave_to_sent = false\n'))
+    assert ': upstream.other.save_to_sent: only used with kind = "graph"' in line
+    [line] = problems(config_dir, VALID + GRAPH + 'save_to_sent = "no"\n')
+    assert ": upstream.m365.save_to_sent: " in line
+
+
 # -- allowed senders with international domains ---------------------------------------------------
 
 

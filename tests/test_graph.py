@@ -21,7 +21,7 @@ import pytest
 from conftest import ProxyFactory
 from graph_standin import (
     Answer, GraphStandIn, access_denied, drop, gateway_timeout, hang, invalid_recipients, request_too_large, send_as_denied,
-    throttled, unavailable,
+    server_error, throttled, unavailable,
 )
 from harness import CLIENT_USER, PKI, login, write_config
 from test_check import check
@@ -203,6 +203,17 @@ def test_check_says_what_mail_send_alone_cannot_send(graph: GraphStandIn, tmp_pa
     assert status == 0, line
     assert ", roles: Mail.Send, expires " in line
     assert line.endswith("; no mail sent; without Mail.ReadWrite, a message over about 3 MB (sent as a draft) is refused")
+
+
+def test_check_fails_save_to_sent_false_without_mail_read_write(graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    graph.jwt_tokens = True
+    graph.roles = ["Mail.Send"]
+    config = write_config(tmp_path, pki, graph.upstream_toml(tmp_path, name="default", extra="save_to_sent = false"))[0]
+    status, [line, hint] = graph_check(config)
+    assert status == 1
+    assert line.startswith(f"FAIL upstream default graph {graph.base_url} as {MAILBOX}: ")
+    assert "lacks Mail.ReadWrite, which save_to_sent = false needs for every message; roles: Mail.Send; expires " in line
+    assert hint.startswith("     hint: grant the app the application permission Mail.ReadWrite") and "save_to_sent" in hint
 
 
 @pytest.mark.parametrize(
@@ -409,3 +420,78 @@ def test_an_unregistered_certificate_gives_454_at_data(
     assert f"lists the certificate in {certificate.certificate_file}" in failure
     [form] = graph.token_requests()
     assert all(form["client_assertion"] not in line for line in log_lines)
+
+
+# -- save_to_sent -----------------------------------------------------------------------------
+
+SENT_ROUTES = ["createDraft", "updateMessage", "send"]
+
+
+def graph_routes(graph: GraphStandIn) -> list[str]:
+    return [seen.route for seen in graph.requests if seen.route != "token"]
+
+
+def test_save_to_sent_by_default_goes_by_send_mail(make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path)
+    assert send(port, pki, ["alice@example.net"], message())[0] == 250
+    [delivery] = graph.deliveries
+    assert delivery.via == "sendMail" and delivery.save_to_sent is True
+    assert graph_routes(graph) == ["sendMail"]
+
+
+def test_save_to_sent_false_sends_a_draft_deleted_after_submission(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI
+) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path, extra="save_to_sent = false")
+    code, text = send(port, pki, ["alice@example.net", "bob@example.net"], message())
+    [delivery] = graph.deliveries
+    assert (code, text) == (250, f"2.0.0 Ok: queued as {delivery.request_id}".encode())
+    assert delivery.via == "draft" and delivery.save_to_sent is False
+    # The envelope still decides who receives it, and the text arrives as written.
+    assert delivery.recipients == ["alice@example.net", "bob@example.net"] and delivery.bcc == ["bob@example.net"]
+    # The draft is the whole message, as sendMail would have had it (the stand-in re-serialises what it sends).
+    [created] = graph.requests_to("createDraft")
+    assert base64.b64decode(created.body).endswith(b"\r\n\r\ndisk 91% full\r\n")
+    assert graph_routes(graph) == SENT_ROUTES
+    [patch] = graph.requests_to("updateMessage")
+    assert patch.method == "PATCH" and patch.headers["content-type"] == "application/json"
+    assert patch.json() == {"singleValueExtendedProperties": [{"id": "Boolean 0x0E01000B", "value": "true"}]}
+    assert patch.status == 200
+    assert graph.drafts == {} and graph.deleted_drafts == []
+
+
+def test_save_to_sent_false_marks_a_large_draft_before_its_uploads(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI
+) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path, extra="save_to_sent = false")
+    report = pdf_like(5_000_000, 6)
+    assert send(port, pki, ["alice@example.net"], with_attachments("Attached.\r\n", ("report.pdf", report)))[0] == 250
+    [delivery] = graph.deliveries
+    assert delivery.save_to_sent is False and delivery.attachments[0].data == report
+    routes = graph_routes(graph)
+    assert routes[:3] == ["createDraft", "updateMessage", "createUploadSession"] and routes[-1] == "send"
+
+
+@pytest.mark.parametrize("answer", [server_error(), access_denied(), drop()], ids=["500", "403", "dropped"])
+def test_a_failed_patch_deletes_the_draft_and_sends_nothing(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI, answer: Answer
+) -> None:
+    port = graph_proxy(make_proxy, graph, tmp_path, extra="save_to_sent = false")
+    graph.script("updateMessage", answer)
+    code, text = send(port, pki, ["alice@example.net"], message())
+    assert 400 <= code < 600, (code, text)
+    if answer.action == "drop":
+        assert code == 451 and re.match(rb"4\.4\.\d ", text)
+    elif answer.status == 403:
+        assert (code, text) == status(Catalogue.graph_drafts_denied("m365"))
+    assert graph.deliveries == [] and graph.drafts == {} and len(graph.deleted_drafts) == 1
+    assert graph_routes(graph) == ["createDraft", "updateMessage", "deleteDraft"]
+
+
+def test_save_to_sent_false_without_mail_read_write_is_refused(
+    make_proxy: ProxyFactory, graph: GraphStandIn, tmp_path: Path, pki: PKI
+) -> None:
+    graph.roles = ["Mail.Send"]
+    port = graph_proxy(make_proxy, graph, tmp_path, extra="save_to_sent = false")
+    assert send(port, pki, ["alice@example.net"], message()) == status(Catalogue.graph_drafts_denied("m365"))
+    assert graph.deliveries == [] and graph_routes(graph) == ["createDraft"]

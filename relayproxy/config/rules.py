@@ -242,8 +242,9 @@ def _upstream(name: str, table: Table, for_oauth_setup: bool) -> UpstreamConfig:
     upstream = table.read(UpstreamConfig, name=name)
     if upstream.kind == "graph":
         return _graph(table, upstream)
-    if "graph_url" in table.data:
-        table.problem("graph_url", 'only used with kind = "graph"', 'set kind = "graph" or remove it')
+    for key in ("graph_url", "save_to_sent"):
+        if key in table.data:
+            table.problem(key, 'only used with kind = "graph"', 'set kind = "graph" or remove it')
     default_port = {"implicit": 465, "starttls": 587, "none": 25}[upstream.tls]
     if "hosts" in table.data:
         for key in ("host", "port"):

@@ -306,6 +306,9 @@ class UpstreamConfig:
         default="https://graph.microsoft.com/v1.0", parse=_https_url,
         fix='write Microsoft Graph\'s base URL, such as "https://graph.microsoft.com/v1.0"',
     )
+    save_to_sent: bool = setting(default=True)
+    """kind = "graph": keep a copy in the mailbox's Sent Items, as Graph's MIME sendMail always does
+    (and Exchange does for SMTP AUTH); false sends through a draft marked PidTagDeleteAfterSubmit."""
 
 
 HOSTS = Setting("hosts", tuple[str, ...], default=(), fix='write a list such as ["smtp1.example.org:465", "smtp2.example.org:465"]')

@@ -310,7 +310,8 @@ class Catalogue:
 
     @staticmethod
     def graph_drafts_denied(name: str) -> Reply:
-        return composed(550, "5.7.0", f"Microsoft Graph denied upstream {name} a draft: a message over 3 MB needs Mail.ReadWrite")
+        which = "a message over 3 MB, or any with save_to_sent = false"
+        return composed(550, "5.7.0", f"Microsoft Graph denied upstream {name} a draft ({which}): the app needs Mail.ReadWrite")
 
     @staticmethod
     def graph_no_smtputf8(name: str) -> Reply:

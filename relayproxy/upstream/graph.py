@@ -11,6 +11,11 @@ A message within Graph's 4 MB request limit goes as MIME to sendMail. A larger o
 message-send]: its top-level parts other than large attachments as the draft's MIME, each large
 attachment added to the draft on its own (an upload session from 3 MB, else one POST), then the
 draft is sent. The spooled message is read in bounded chunks, never whole.
+
+With ``save_to_sent = false`` every message goes as a draft (sendMail's MIME form always saves to
+Sent Items; only its JSON form has saveToSentItems), marked with PidTagDeleteAfterSubmit before it
+is sent [singlevaluelegacyextendedproperty-post-singlevalueextendedproperties; MS-OXOMSG 3.3.5.1.3:
+a message with it set is deleted once sent].
 """
 
 from __future__ import annotations
@@ -56,6 +61,10 @@ _APART = 1024 * 1024
 """An attachment this large (as written) goes apart from the draft even when the draft could hold it."""
 _UPLOAD_SESSION = 3 * 1024 * 1024
 """Attachments of this decoded size and more need an upload session; smaller ones one POST."""
+DELETE_AFTER_SUBMIT = "Boolean 0x0E01000B"
+"""PidTagDeleteAfterSubmit as a Graph extended property id: "{type} {proptag}", the proptag being the
+whole 32-bit MAPI property tag as in Microsoft's example "String 0x4001001E" (id 0x0E01, PT_BOOLEAN
+0x000B) [Outlook extended properties overview: id formats]."""
 _UPLOAD_RANGE = 12 * 320 * 1024
 """Bytes per PUT of an upload session: a multiple of 320 KiB, under Graph's 4 MB per request."""
 GO_AHEAD = Reply(354, ("End data with <CR><LF>.<CR><LF>",))
@@ -455,7 +464,7 @@ class GraphSession:
         spool, self._spool = self._spool, None
         assert spool is not None
         try:
-            if spool.size > _MAX_MIME:
+            if spool.size > _MAX_MIME or not self._upstream.config.save_to_sent:
                 return await self._send_draft(spool)
             message = fit_recipients(await spool.read(), self._recipients)
         finally:
@@ -465,8 +474,15 @@ class GraphSession:
 
     async def _send_draft(self, spool: _Spool) -> Reply:
         """A draft with the large attachments added apart, then sent; deleted unless Graph took it."""
-        await spool.settle()
-        plan = await _plan(spool, self._recipients, self._upstream.config.name)
+        save_to_sent = self._upstream.config.save_to_sent
+        plan: _Plan | Reply
+        if spool.size <= _MAX_MIME:
+            # Here only for save_to_sent = false: the whole message fits the draft's one request,
+            # so nothing goes apart and it need not be multipart.
+            plan = _Plan(fit_recipients(await spool.read(), self._recipients), [])
+        else:
+            await spool.settle()
+            plan = await _plan(spool, self._recipients, self._upstream.config.name)
         if isinstance(plan, Reply):
             return plan
         created = await self._call("createDraft", "POST", f"{self._upstream.mailbox_url}/messages", base64.b64encode(plan.draft), "text/plain")
@@ -478,6 +494,13 @@ class GraphSession:
         draft = f"{self._upstream.mailbox_url}/messages/{quote(draft_id, safe='=')}"
         sent = False
         try:
+            if not save_to_sent:
+                # A draft created from MIME cannot carry extended properties in the same request
+                # (that needs the JSON form), so a PATCH marks it; before the uploads, so that a
+                # refusal costs no upload. Without the mark the copy would land in Sent Items.
+                failed = await self._mark_delete_after_submit(draft)
+                if failed is not None:
+                    return failed
             for part, attachment, size in plan.apart:
                 failed = await (self._upload(spool, draft, part, attachment, size) if size >= _UPLOAD_SESSION else self._attach(spool, draft, part, attachment))
                 if failed is not None:
@@ -491,6 +514,16 @@ class GraphSession:
         finally:
             if not sent:
                 await self._delete(draft)
+
+    async def _mark_delete_after_submit(self, draft: str) -> Reply | None:
+        """PidTagDeleteAfterSubmit on the draft: Exchange deletes it once sent, leaving no copy in Sent Items."""
+        body = json.dumps({"singleValueExtendedProperties": [{"id": DELETE_AFTER_SUBMIT, "value": "true"}]}).encode()
+        answer = await self._call("markDeleteAfterSubmit", "PATCH", draft, body, "application/json")
+        if isinstance(answer, UpstreamError):
+            return self._failed(answer)
+        # Graph answers 200 with the message; anything else leaves the draft unmarked, and sending
+        # it would save the copy this upstream is configured not to keep.
+        return None if 200 <= answer.status < 300 else self._verdict("markDeleteAfterSubmit", answer)
 
     async def _attach(self, spool: _Spool, draft: str, part: _Part, attachment: _Attachment) -> Reply | None:
         """An attachment under 3 MB in one POST (it was sized to fit one request)."""
@@ -573,7 +606,7 @@ class GraphSession:
         if reply.is_positive and not final:
             reply = Catalogue.graph_refused(name, answer.status, what)
         elif answer.status == 403 and not final and reply.enhanced == "5.7.0":
-            # Only the large-message path uses drafts, and they need a permission of their own.
+            # Drafts (large messages, and every message with save_to_sent = false) need a permission of their own.
             reply = Catalogue.graph_drafts_denied(name)
         if not reply.is_positive:
             log.info("graph refused", upstream=name, step=what, status=answer.status, request=answer.headers.get("request-id", "-"), answer=answer.body[:300])
