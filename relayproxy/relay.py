@@ -31,7 +31,7 @@ from relayproxy.metrics import MessageOutcome, Metrics, NullMetrics
 from relayproxy.smtp import sasl
 from relayproxy.smtp.data import BodyFault
 from relayproxy.smtp.envelope import Data, Mail, Rcpt
-from relayproxy.smtp.headers import FromRewriter, HeaderSenders, HeaderTooLong
+from relayproxy.smtp.headers import HeaderFilter
 from relayproxy.smtp.reply import Catalogue, Reply
 from relayproxy.smtp.session import (
     Abandon, AbortBody, Action, Answer, Ask, Body, CheckMail, CheckRcpt, CheckThrottle, Close, EndOfData,
@@ -134,11 +134,7 @@ class Relay:
         self._user: RelayUser | None = self._device
         self._upstream: UpstreamSession | None = None
         self._transaction: _Transaction | None = None
-        self._rewriter: FromRewriter | None = None
-        self._senders: HeaderSenders | None = None
-        self._foreign_sender: str | None = None
-        """Why the header's From or Sender is not the user's to use; the message is refused."""
-        self._header_fault = False
+        self._filter: HeaderFilter | None = None
         self._in_body = False
         self._refused_sender: str | None = None
         self._awaiting_verdict = False
@@ -437,59 +433,45 @@ class Relay:
 
     def _start_body(self, upstream: UpstreamSession) -> None:
         assert self._user is not None
-        user, max_header = self._user, self.s.limits.max_header_size
+        user = self._user
         self._in_body = True
-        self._header_fault = False
-        self._foreign_sender = None
-        header_from = user.upstream.header_from
-        self._rewriter = FromRewriter(header_from, max_header) if header_from is not None else None
         # Spoofing the header From is what a leaked app password is used for; an app that may send
         # only as scanner@ must not write From: CEO <ceo@...> either.
-        checked = user.config.allowed_senders and user.config.check_header_from
-        self._senders = HeaderSenders(max_header) if checked else None
+        checked = bool(user.config.allowed_senders) and user.config.check_header_from
+        header_from = user.upstream.header_from
+        self._filter = (
+            HeaderFilter(self.s.limits.max_header_size, header_from, user.config.may_send if checked else None)
+            if checked or header_from is not None else None
+        )
         upstream.stream_from(self.io.gate)
 
     def _body(self, data: bytes, last: bool = False) -> bytes:
         """Check and rewrite the header as it streams; what is left to send, b"" once refused."""
-        upstream = self._upstream
-        if upstream is None or self._header_fault or self._foreign_sender is not None:
+        upstream, headers = self._upstream, self._filter
+        if upstream is None:
             return b""
-        try:
-            if self._senders is not None:
-                self._senders.feed(data)
-                if last:
-                    self._senders.finish()
-                self._check_senders()
-            if self._rewriter is not None:
-                data = self._rewriter.feed(data) + (self._rewriter.finish() if last else b"")
-        except HeaderTooLong:
-            self._header_fault = True
-        if self._header_fault or self._foreign_sender is not None:
-            # The upstream never sees an end of data for this message.
-            upstream.abort()
-            return b""
+        if headers is not None:
+            refused = headers.refused
+            data = headers.feed(data, last)
+            if headers.refused:
+                if not refused:
+                    # The upstream never sees an end of data for this message.
+                    upstream.abort()
+                return b""
         if data and not last:
             upstream.body(data)
         return data
-
-    def _check_senders(self) -> None:
-        senders, user = self._senders, self._user
-        if senders is None or senders.addresses is None or user is None:
-            return
-        self._senders = None
-        refused = [address for address in senders.addresses if not user.config.may_send(address)]
-        if refused or not senders.addresses:
-            self._foreign_sender = ", ".join(f"<{address}>" for address in refused) or "no From"
 
     async def _end_of_data(self, ask: EndOfData) -> Reply:
         upstream, transaction = self._upstream, self._transaction
         # The upstream no longer paces the client: what follows the body is commands.
         self.io.gate.resumeProducing()
         last = self._body(ask.last, last=True) if ask.fault is None else b""
-        self._transaction = self._rewriter = self._senders = None
+        headers, self._filter = self._filter, None
+        self._transaction = None
         self._in_body = False
-        foreign, self._foreign_sender = self._foreign_sender, None
-        faults = {ask.fault, BodyFault.HEADER_TOO_BIG if self._header_fault else None}
+        foreign = headers.foreign if headers is not None else None
+        faults = {ask.fault, BodyFault.HEADER_TOO_BIG if headers is not None and headers.too_long else None}
         # By a fixed precedence, so the reply does not depend on how the input was split.
         fault = next((f for f in BodyFault if f in faults), None)
         if fault is not None or foreign is not None:

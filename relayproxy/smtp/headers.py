@@ -8,6 +8,7 @@ are the wire form BodyDecoder produces: CRLF line ends, dot-stuffed lines.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email.utils import getaddresses
 
 _END_OF_HEADER = b"\r\n\r\n"
@@ -118,3 +119,46 @@ class HeaderSenders:
         ]
         # An unparseable field yields an empty address, which no allowed sender matches.
         self.addresses = [address for _, address in getaddresses(values)] if values else []
+
+
+class HeaderFilter:
+    """What happens to a message's header block as its body streams: its From and Sender checked with
+    ``may_send``, its From rewritten to ``header_from``; each holds at most ``max_header`` octets."""
+
+    def __init__(self, max_header: int, header_from: str | None, may_send: Callable[[str], bool] | None) -> None:
+        self._rewriter = FromRewriter(header_from, max_header) if header_from is not None else None
+        self._senders = HeaderSenders(max_header) if may_send is not None else None
+        self._may_send = may_send
+        self.too_long = False
+        """The header block passed max_header before its end."""
+        self.foreign: str | None = None
+        """The From or Sender addresses ``may_send`` refused ("no From" when there is none)."""
+
+    @property
+    def refused(self) -> bool:
+        return self.too_long or self.foreign is not None
+
+    def feed(self, data: bytes, last: bool = False) -> bytes:
+        """What to send on of ``data`` (at the end of data with ``last``); b"" once refused."""
+        if self.refused:
+            return b""
+        try:
+            if self._senders is not None:
+                self._senders.feed(data)
+                if last:
+                    self._senders.finish()
+                self._check()
+            if self._rewriter is not None:
+                data = self._rewriter.feed(data) + (self._rewriter.finish() if last else b"")
+        except HeaderTooLong:
+            self.too_long = True
+        return b"" if self.refused else data
+
+    def _check(self) -> None:
+        senders, may_send = self._senders, self._may_send
+        if senders is None or senders.addresses is None or may_send is None:
+            return
+        self._senders = None
+        refused = [address for address in senders.addresses if not may_send(address)]
+        if refused or not senders.addresses:
+            self.foreign = ", ".join(f"<{address}>" for address in refused) or "no From"
