@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from relayproxy.errors import ProtocolError
 from relayproxy.smtp.addresses import ascii_domain
+from relayproxy.smtp.envelope import Mail
 from relayproxy.smtp.reply import Catalogue, Reply
 
 MAX_COMMAND_LINE = 512
@@ -120,3 +121,27 @@ def _valid_mailbox(address: str) -> bool:
     # RFC 6531 3.3: sub-domain =/ U-label; one without an A-label is no domain anyone can reach.
     normal = ascii_domain(domain)
     return normal is not None and _DOMAIN.match(normal) is not None
+
+
+def mail_of(command: PathCommand, max_message_size: int) -> Mail:
+    """MAIL FROM's parameters checked (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8); raise
+    ProtocolError with the client's reply."""
+    size = command.parameter("SIZE")
+    if command.has("SIZE"):
+        if size is None or not size.isdigit():
+            raise ProtocolError(Catalogue.BAD_SIZE)
+        if int(size) > max_message_size:
+            raise ProtocolError(Catalogue.MESSAGE_TOO_BIG)
+    body = command.parameter("BODY")
+    if command.has("BODY") and (body or "").upper() not in ("7BIT", "8BITMIME"):
+        raise ProtocolError(Catalogue.BAD_BODY)
+    smtputf8 = command.has("SMTPUTF8")
+    if smtputf8 and command.parameter("SMTPUTF8") is not None:
+        # RFC 6531 3.4: the parameter has no value.
+        raise ProtocolError(Catalogue.BAD_PARAMETER_SYNTAX)
+    # AUTH= names the client's identity to the next hop; the upstream must only ever see ours.
+    if any(key not in ("SIZE", "BODY", "AUTH", "SMTPUTF8") for key, _ in command.parameters):
+        raise ProtocolError(Catalogue.BAD_PARAMETERS)
+    if not (smtputf8 or command.address.isascii()):
+        raise ProtocolError(Catalogue.NEEDS_SMTPUTF8)
+    return Mail(command.address, int(size) if size is not None else None, (body or "").upper() == "8BITMIME", smtputf8)

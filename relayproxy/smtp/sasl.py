@@ -70,3 +70,41 @@ def encode(text: str) -> str:
 
 USERNAME_CHALLENGE = encode("Username:")
 PASSWORD_CHALLENGE = encode("Password:")
+
+
+class Exchange:
+    """One AUTH exchange (RFC 4954 4): the challenges to send, and the credentials at its end.
+
+    ``start`` and ``respond`` return the next challenge's text (for a 334) or the credentials, and
+    raise ProtocolError with the client's reply for anything malformed or cancelled.
+    """
+
+    def __init__(self, mechanism: str, initial: str) -> None:
+        self._mechanism = mechanism
+        self._initial = initial
+        self._username: str | None = None
+
+    @classmethod
+    def begin(cls, argument: str) -> Exchange:
+        """The exchange AUTH's argument (MECHANISM [initial-response]) asks for."""
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            raise ProtocolError(Catalogue.AUTH_NO_MECHANISM)
+        if mechanism not in MECHANISMS:
+            raise ProtocolError(Catalogue.AUTH_UNKNOWN_MECHANISM)
+        return cls(mechanism, initial)
+
+    def start(self) -> str | Credentials:
+        if self._initial:
+            return self.respond(self._initial)
+        return "" if self._mechanism == "PLAIN" else USERNAME_CHALLENGE
+
+    def respond(self, line: str) -> str | Credentials:
+        message = decode_response(line)
+        if self._mechanism == "PLAIN":
+            return parse_plain(message)
+        if self._username is None:
+            self._username = parse_login_field(message)
+            return PASSWORD_CHALLENGE
+        return Credentials(self._username, parse_login_field(message))

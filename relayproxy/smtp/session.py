@@ -24,8 +24,8 @@ from typing import Any
 
 from relayproxy.errors import ProtocolError
 from relayproxy.smtp import sasl
-from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, parse_command
-from relayproxy.smtp.data import BodyDecoder, BodyFault
+from relayproxy.smtp.commands import MAX_COMMAND_LINE, Command, PathCommand, mail_of, parse_command
+from relayproxy.smtp.data import BodyDecoder, BodyFault, Chunk
 from relayproxy.smtp.envelope import Data, EnvelopeCommand, Mail, Rcpt
 from relayproxy.smtp.lines import LineBuffer, TooLong
 from relayproxy.smtp.reply import Catalogue, Reply
@@ -208,6 +208,46 @@ class _Group:
             self.forwarded.append(item)  # type: ignore[arg-type]
 
 
+@dataclass
+class _Envelope:
+    """The transaction's recipients as known while the upstream's replies are outstanding."""
+
+    smtputf8: bool = False
+    accepted: int = 0
+    pending: int = 0
+    """Forwarded, not answered yet: counted as accepted for the limits, since they may be."""
+    attempted: int = 0
+    failed: Reply | None = None
+    """The upstream failed: later RCPT and DATA get this reply."""
+
+    @property
+    def recipients(self) -> int:
+        return self.accepted + self.pending
+
+
+class _BodyReader:
+    """The message text from 354 to its end: Body actions, a fault announced once, EndOfData."""
+
+    def __init__(self, max_size: int) -> None:
+        self._decoder = BodyDecoder(max_size)
+        self._fault_sent = False
+
+    def feed(self, data: bytes, emit: Callable[[Action], None]) -> Chunk:
+        decoder = self._decoder
+        chunk = decoder.feed(data)
+        fault = decoder.fault
+        if fault is not None and not self._fault_sent:
+            # Stop the partial body here: the upstream never sees an end of data for it.
+            self._fault_sent = True
+            emit(AbortBody())
+        if not chunk.done:
+            if chunk.data and fault is None:
+                emit(Body(chunk.data))
+        else:
+            emit(EndOfData(chunk.data if fault is None else b"", fault, decoder.size))
+        return chunk
+
+
 class ServerSession:
     def __init__(self, settings: SessionSettings, *, identified: bool = False) -> None:
         self.settings = settings
@@ -223,18 +263,11 @@ class ServerSession:
         self._line = b""
         """The command line being handled."""
         self._group = _Group()
-        self._sasl_step = ""
-        self._sasl_user = ""
-        self._initial = ""
+        self._exchange = sasl.Exchange("PLAIN", "")
+        """The AUTH exchange in progress (State.SASL), and the credentials it gave."""
         self._credentials = sasl.Credentials("", "")
-        self._decoder: BodyDecoder | None = None
-        self._fault_sent = False
-        self._accepted = 0
-        self._pending = 0
-        self._attempted = 0
-        self._failed: Reply | None = None
-        self._smtputf8 = False
-        """The transaction's MAIL had SMTPUTF8: its recipients may be UTF-8 too."""
+        self._reader: _BodyReader | None = None
+        self._envelope = _Envelope()
         self._invalid = 0
         self._auth_failures = 0
         self.lines_read = 0
@@ -372,9 +405,13 @@ class ServerSession:
             if refusal is not None:
                 raise ProtocolError(refusal)
             command = parse_command(line)
-            if verb not in _HANDLERS:
+            fixed = _FIXED.get(verb)
+            if fixed is not None:
+                actions: list[Action] = [Send(fixed)]
+            elif verb in _HANDLERS:
+                actions = list(_HANDLERS[verb](self, command))
+            else:
                 raise ProtocolError(Catalogue.UNRECOGNIZED)
-            actions = list(_HANDLERS[verb](self, command))
         except ProtocolError as e:
             self._refuse(e.reply, verb)
             return
@@ -409,19 +446,7 @@ class ServerSession:
             self.state = State.AUTHENTICATED
         else:
             self.state = State.HELLO
-        self._failed = None
-
-    def _noop(self, command: Command) -> Iterator[Action]:
-        yield Send(Catalogue.OK)
-
-    def _help(self, command: Command) -> Iterator[Action]:
-        yield Send(Catalogue.HELP)
-
-    def _vrfy(self, command: Command) -> Iterator[Action]:
-        yield Send(Catalogue.VRFY)
-
-    def _expn(self, command: Command) -> Iterator[Action]:
-        yield Send(Catalogue.NOT_IMPLEMENTED)
+        self._envelope.failed = None
 
     def _rset(self, command: Command) -> Iterator[Action]:
         if command.argument:
@@ -464,49 +489,31 @@ class ServerSession:
     def _auth(self, command: Command) -> Iterator[Action]:
         if not self._auth_allowed:
             raise ProtocolError(Catalogue.AUTH_ENCRYPTION_REQUIRED)
-        mechanism, _, initial = command.argument.partition(" ")
-        mechanism = mechanism.upper()
-        if not mechanism:
-            raise ProtocolError(Catalogue.AUTH_NO_MECHANISM)
-        if mechanism not in sasl.MECHANISMS:
-            raise ProtocolError(Catalogue.AUTH_UNKNOWN_MECHANISM)
+        self._exchange = sasl.Exchange.begin(command.argument)
         self.state = State.SASL
-        self._sasl_step = mechanism
-        self._initial = initial
         # Refused before any password is read: a guesser must not cost us a check per attempt.
         yield CheckThrottle(None)
 
-    def _sasl_start(self) -> None:
-        initial, self._initial = self._initial, ""
-        if initial:
-            self._sasl_response(initial.encode("ascii"))
-        elif self._sasl_step == "PLAIN":
-            self._emit(Send(Reply(334, ("",))))
-        else:
-            self._sasl_step = "LOGIN"
-            self._emit(Send(Reply(334, (sasl.USERNAME_CHALLENGE,))))
-
-    def _sasl_response(self, line: bytes | TooLong) -> None:
+    def _sasl(self, step: Callable[[], str | sasl.Credentials]) -> None:
+        """The exchange's next step: a challenge to send, or credentials to check."""
         try:
-            if isinstance(line, TooLong):
-                raise ProtocolError(Catalogue.AUTH_LINE_TOO_LONG)
-            message = sasl.decode_response(line.decode("ascii", "replace"))
-            if self._sasl_step == "PLAIN":
-                credentials = sasl.parse_plain(message)
-            elif self._sasl_step == "LOGIN":
-                self._sasl_user = sasl.parse_login_field(message)
-                self._sasl_step = "PASSWORD"
-                self._emit(Send(Reply(334, (sasl.PASSWORD_CHALLENGE,))))
-                return
-            else:
-                credentials = sasl.Credentials(self._sasl_user, sasl.parse_login_field(message))
+            found = step()
         except ProtocolError as e:
             self.state = State.HELLO
             self._refuse(e.reply, "AUTH")
             return
-        self._sasl_step = "CHECK"
-        self._emit(CheckThrottle(credentials.username))
-        self._credentials = credentials
+        if isinstance(found, str):
+            self._emit(Send(Reply(334, (found,))))
+        else:
+            self._credentials = found
+            self._emit(CheckThrottle(found.username))
+
+    def _sasl_response(self, line: bytes | TooLong) -> None:
+        if isinstance(line, TooLong):
+            self.state = State.HELLO
+            self._refuse(Catalogue.AUTH_LINE_TOO_LONG, "AUTH")
+        else:
+            self._sasl(lambda: self._exchange.respond(line.decode("ascii", "replace")))
 
     def _logged_in(self, reply: Reply) -> None:
         if reply.code == 235:
@@ -525,50 +532,28 @@ class ServerSession:
     # -- the envelope -------------------------------------------------------------------------
 
     def _mail(self, command: PathCommand) -> Iterator[Action]:
-        size = command.parameter("SIZE")
-        if command.has("SIZE"):
-            if size is None or not size.isdigit():
-                raise ProtocolError(Catalogue.BAD_SIZE)
-            if int(size) > self.settings.max_message_size:
-                raise ProtocolError(Catalogue.MESSAGE_TOO_BIG)
-        body = command.parameter("BODY")
-        if command.has("BODY") and (body or "").upper() not in ("7BIT", "8BITMIME"):
-            raise ProtocolError(Catalogue.BAD_BODY)
-        smtputf8 = command.has("SMTPUTF8")
-        if smtputf8 and command.parameter("SMTPUTF8") is not None:
-            # RFC 6531 3.4: the parameter has no value.
-            raise ProtocolError(Catalogue.BAD_PARAMETER_SYNTAX)
-        # AUTH= names the client's identity to the next hop; the upstream must only ever see ours.
-        if any(key not in ("SIZE", "BODY", "AUTH", "SMTPUTF8") for key, _ in command.parameters):
-            raise ProtocolError(Catalogue.BAD_PARAMETERS)
-        if not (smtputf8 or command.address.isascii()):
-            raise ProtocolError(Catalogue.NEEDS_SMTPUTF8)
-        yield CheckMail(Mail(
-            command.address, int(size) if size is not None else None, (body or "").upper() == "8BITMIME", smtputf8,
-        ))
-
-    def _transaction_failed(self) -> None:
-        if self._failed is not None:
-            raise ProtocolError(self._failed)
+        yield CheckMail(mail_of(command, self.settings.max_message_size))
 
     def _rcpt(self, command: PathCommand) -> Iterator[Action]:
-        self._transaction_failed()
+        if self._envelope.failed is not None:
+            raise ProtocolError(self._envelope.failed)
         if command.parameters:
             raise ProtocolError(Catalogue.BAD_PARAMETERS)
-        if not (self._smtputf8 or command.address.isascii()):
+        if not (self._envelope.smtputf8 or command.address.isascii()):
             raise ProtocolError(Catalogue.NEEDS_SMTPUTF8)
-        recipients = self._accepted + self._pending
+        recipients = self._envelope.recipients
         if recipients >= self.settings.max_recipients:
             raise ProtocolError(Catalogue.TOO_MANY_RECIPIENTS)
         yield CheckRcpt(Rcpt(command.address), recipients)
 
     def _data(self, command: Command) -> Iterator[Action]:
-        self._transaction_failed()
+        if self._envelope.failed is not None:
+            raise ProtocolError(self._envelope.failed)
         if command.argument:
             raise ProtocolError(Catalogue.SYNTAX)
-        if self._attempted == 0:
+        if self._envelope.attempted == 0:
             raise ProtocolError(Catalogue.RCPT_FIRST)
-        if self._accepted + self._pending == 0:
+        if self._envelope.recipients == 0:
             raise ProtocolError(Catalogue.NO_VALID_RECIPIENTS)
         # DATA ends a group (RFC 2920 3.1): the client waits for its 354.
         self._group.add(Data(), self._line)
@@ -583,13 +568,11 @@ class ServerSession:
             return
         if isinstance(ask, CheckMail):
             self.state = State.TRANSACTION
-            self._accepted = self._pending = self._attempted = 0
-            self._failed = None
-            self._smtputf8 = ask.mail.smtputf8
+            self._envelope = _Envelope(ask.mail.smtputf8)
             self._group.add(ask.mail, self._line)
         else:
-            self._pending += 1
-            self._attempted += 1
+            self._envelope.pending += 1
+            self._envelope.attempted += 1
             self._group.add(ask.rcpt, self._line)
 
     def _forward_group(self) -> None:
@@ -615,7 +598,7 @@ class ServerSession:
             if isinstance(item, Mail):
                 if not reply.is_positive:
                     self.state = State.AUTHENTICATED
-                    self._accepted = self._pending = self._attempted = 0
+                    self._envelope = _Envelope()
                     self._emit(Send(reply))
                     # What came after it in the group was checked as part of a transaction that
                     # does not exist: it is read again, as if it had arrived after this reply, so
@@ -624,37 +607,27 @@ class ServerSession:
                     self._held.extendleft(reversed(group.lines[position + 1 :]))
                     return
             elif isinstance(item, Rcpt):
-                self._pending -= 1
-                self._accepted += reply.is_positive
+                self._envelope.pending -= 1
+                self._envelope.accepted += reply.is_positive
             elif reply.code == 354 and self.state is State.TRANSACTION:
                 self.state = State.BODY
-                self._decoder = BodyDecoder(self.settings.max_message_size)
-                self._fault_sent = False
+                self._reader = _BodyReader(self.settings.max_message_size)
             self._emit(Send(reply))
             if self.state is State.CLOSED:
                 return
         if result.failed is not None and self.state is State.TRANSACTION:
-            self._failed = result.failed
+            self._envelope.failed = result.failed
 
     # -- the body -----------------------------------------------------------------------------
 
     def _body(self, data: bytes) -> None:
-        decoder = self._decoder
-        assert decoder is not None
-        chunk = decoder.feed(data)
-        fault = decoder.fault
-        if fault is not None and not self._fault_sent:
-            # Stop the partial body here: the upstream never sees an end of data for it.
-            self._fault_sent = True
-            self._emit(AbortBody())
-        if not chunk.done:
-            if chunk.data and fault is None:
-                self._emit(Body(chunk.data))
-            return
-        self._decoder = None
-        self.state = State.AUTHENTICATED
-        self._lines.feed(chunk.rest)
-        self._emit(EndOfData(chunk.data if fault is None else b"", fault, decoder.size))
+        reader = self._reader
+        assert reader is not None
+        chunk = reader.feed(data, self._emit)
+        if chunk.done:
+            self._reader = None
+            self.state = State.AUTHENTICATED
+            self._lines.feed(chunk.rest)
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -676,15 +649,17 @@ class ServerSession:
             self.state = State.HELLO
             self._refuse(result, "AUTH")
         elif ask.username is None:  # type: ignore[union-attr]
-            self._sasl_start()
+            self._sasl(self._exchange.start)
         else:
             self._emit(Login(self._credentials))
 
 
 _HANDLERS: dict[str, Callable[[ServerSession, Any], Iterator[Action]]] = {
-    "EHLO": ServerSession._ehlo, "HELO": ServerSession._helo, "NOOP": ServerSession._noop, "HELP": ServerSession._help,
-    "VRFY": ServerSession._vrfy, "EXPN": ServerSession._expn, "RSET": ServerSession._rset, "QUIT": ServerSession._quit,
+    "EHLO": ServerSession._ehlo, "HELO": ServerSession._helo, "RSET": ServerSession._rset, "QUIT": ServerSession._quit,
     "STARTTLS": ServerSession._starttls, "AUTH": ServerSession._auth, "MAIL": ServerSession._mail,
     "RCPT": ServerSession._rcpt, "DATA": ServerSession._data,
 }
-"""The verbs we implement; VRFY and EXPN only to say no (RFC 5321 7.3)."""
+"""The verbs with more to do than one fixed reply."""
+
+_FIXED = {"NOOP": Catalogue.OK, "HELP": Catalogue.HELP, "VRFY": Catalogue.VRFY, "EXPN": Catalogue.NOT_IMPLEMENTED}
+"""The verbs answered the same in every state; VRFY and EXPN only to say no (RFC 5321 7.3)."""
