@@ -24,10 +24,11 @@ from relayproxy.config import LimitsConfig, ListenerConfig, ServerConfig
 from relayproxy.config.sections import Network, client_ip, in_networks
 from relayproxy.credentials import IRelayUser, RelayUser, name_digest
 from relayproxy.errors import UpstreamError
-from relayproxy.explain import codes_of, hint, upstream_failure_hint
+from relayproxy.explain import hint
 from relayproxy.limits import AuthThrottle, Budgets, ConnectionCounter, utc
 from relayproxy.logs import EventLog, FirstSeen
-from relayproxy.metrics import MessageOutcome, Metrics, NullMetrics
+from relayproxy.records import Records, Transaction
+from relayproxy.metrics import Metrics, NullMetrics
 from relayproxy.smtp import sasl
 from relayproxy.smtp.data import BodyFault
 from relayproxy.smtp.envelope import Data, Mail, Rcpt
@@ -47,9 +48,6 @@ _FAULT_REPLIES = {
     BodyFault.HEADER_TOO_BIG: Catalogue.HEADER_TOO_BIG,
     BodyFault.LINE_TOO_LONG: Catalogue.BODY_LINE_TOO_LONG,
     BodyFault.NUL: Catalogue.BODY_NUL,
-}
-_OUTCOMES: dict[str, MessageOutcome] = {
-    "relayed": "relayed", "refused": "refused", "refused by upstream": "refused", "failed": "failed",
 }
 
 
@@ -111,14 +109,6 @@ class ClientIO(Protocol):
         """The machine has done what it can for now: timers and reading follow its state."""
 
 
-@dataclass
-class _Transaction:
-    sender: str
-    started: float
-    recipients: int = 0
-    refused: int = 0
-
-
 
 class Relay:
     def __init__(self, settings: ServerSettings, io: ClientIO, peer: str, session_id: str) -> None:
@@ -126,6 +116,7 @@ class Relay:
         self.io = io
         self.peer = peer
         self.session_id = session_id
+        self.records = Records(session_id, peer, settings.clock, settings.metrics, lambda: self._user)
         self._device = self._device_user(peer)
         """The user this client's address is (allow_ip_login); an identity TLS does not change."""
         self.machine = ServerSession(settings.session(), identified=self._device is not None)
@@ -133,10 +124,9 @@ class Relay:
         self._running = False
         self._user: RelayUser | None = self._device
         self._upstream: UpstreamSession | None = None
-        self._transaction: _Transaction | None = None
+        self._transaction: Transaction | None = None
         self._filter: HeaderFilter | None = None
         self._in_body = False
-        self._refused_sender: str | None = None
         self._awaiting_verdict = False
         self._busy = False
         """A question of the machine's is being answered."""
@@ -200,7 +190,7 @@ class Relay:
     def _do(self, action: Action) -> None:
         if type(action) is Send:
             if action.refused is not None:
-                self._log_refusal(action.reply, action.refused)
+                self.records.refusal(action.reply, action.refused)
             elif action.reply is Catalogue.TOO_MANY_ERRORS:
                 log.warn("too many invalid commands", session=self.session_id, client=self.peer, user=self.username)
             self.io.write(action.reply.to_bytes())
@@ -293,7 +283,7 @@ class Relay:
             wait = await self.s.throttle.blocked_for(self.peer, username)
         except StoreUnavailable as e:
             # Fail safe: without the shared counts no password is checked.
-            self._store_unavailable(e, "AUTH")
+            self.records.store_unavailable(e, "AUTH")
             self.s.metrics.auth("error")
             return Catalogue.AUTH_TEMPORARY
         if wait > 0:
@@ -337,7 +327,7 @@ class Relay:
             await self.s.throttle.failed(self.peer, username)
         except StoreUnavailable as e:
             # The next AUTH finds the store unavailable too and gets 454 without a password check.
-            self._store_unavailable(e, "AUTH")
+            self.records.store_unavailable(e, "AUTH")
         self.s.metrics.auth("failed")
         shown = self._shown(username)
         # One line per failure, stable for fail2ban: the client address comes first.
@@ -357,7 +347,7 @@ class Relay:
         assert self._user is not None
         if self._user.config.may_send(sender):
             return None
-        self._refused_sender = sender
+        self.records.refused_sender = sender
         return Catalogue.sender_not_owned(self._user.name)
 
     @property
@@ -375,7 +365,7 @@ class Relay:
             else:
                 until = await budgets.rcpt_refused_until(user.config, accepted)
         except StoreUnavailable as e:
-            self._store_unavailable(e, command)
+            self.records.store_unavailable(e, command)
             return Catalogue.LIMIT_STORE_UNAVAILABLE
         return Catalogue.sending_limit(user.name, utc(until)) if until is not None else None
 
@@ -386,14 +376,14 @@ class Relay:
             try:
                 self._upstream = await self.s.upstreams[self._user.upstream.name].acquire(self)
             except UpstreamError as e:
-                self._log_upstream_failure(e)
+                self.records.upstream_failure(e)
                 return Forwarded((e.reply,) * len(commands), e.reply)
         upstream = self._upstream
         replies = await upstream.envelope(commands)
         for i, (command, reply) in enumerate(zip(commands, replies)):
             if isinstance(command, Mail):
                 if reply.is_positive:
-                    self._transaction = _Transaction(command.sender, self.s.clock.seconds())
+                    self._transaction = Transaction(command.sender, self.s.clock.seconds())
                 elif reply.enhanced == "5.6.7":
                     # The upstream module's own refusal (relayed replies carry no enhanced code):
                     # SMTPUTF8 mail the upstream cannot take. The client's reply names the upstream,
@@ -417,13 +407,13 @@ class Relay:
                     error = UpstreamError(
                         Catalogue.UPSTREAM_BAD_REPLY, f"upstream {name}: 354 to DATA after refusing MAIL: {reply}", step="DATA"
                     )
-                    self._log_upstream_failure(error)
+                    self.records.upstream_failure(error)
                     upstream.abort()
                     self._upstream = None
                     return Forwarded((*replies[:i], error.reply))
                 self._start_body(upstream)
         if upstream.failure is not None:
-            self._log_upstream_failure(upstream.failure)
+            self.records.upstream_failure(upstream.failure)
             self._upstream = None
             # The session is gone: the rest of the transaction cannot reach the upstream.
             return Forwarded(tuple(replies), Catalogue.UPSTREAM_LOST)
@@ -479,14 +469,14 @@ class Relay:
             if upstream is not None:
                 upstream.abort()
             if fault is not None:
-                self._log_message(transaction, ask.size, _FAULT_REPLIES[fault], "refused", reason=fault.value)
+                self.records.message(transaction, ask.size, _FAULT_REPLIES[fault], "refused", reason=fault.value)
                 return _FAULT_REPLIES[fault]
             assert self._user is not None
             refusal = Catalogue.header_sender_not_owned(self._user.name)
-            self._log_message(transaction, ask.size, refusal, "refused", reason=f"header sender {foreign} not allowed")
+            self.records.message(transaction, ask.size, refusal, "refused", reason=f"header sender {foreign} not allowed")
             return refusal
         if upstream is None:
-            self._log_message(transaction, ask.size, Catalogue.UPSTREAM_LOST, "failed")
+            self.records.message(transaction, ask.size, Catalogue.UPSTREAM_LOST, "failed")
             return Catalogue.UPSTREAM_LOST
         self._awaiting_verdict = True
         handed_over = self.s.clock.seconds()
@@ -494,10 +484,10 @@ class Relay:
             reply = await upstream.end(last)
             if upstream.failure is not None:
                 self._upstream = None
-                self._log_upstream_failure(upstream.failure)
-                self._log_message(transaction, ask.size, reply, "failed")
+                self.records.upstream_failure(upstream.failure)
+                self.records.message(transaction, ask.size, reply, "failed")
                 return reply
-            self.s.metrics.upstream_latency(self._upstream_name, "end_of_data", self.s.clock.seconds() - handed_over)
+            self.s.metrics.upstream_latency(self.records.upstream_name, "end_of_data", self.s.clock.seconds() - handed_over)
             if reply.is_positive and transaction is not None:
                 # Counted before the client hears 250, so its next MAIL on any instance sees this
                 # message; still awaiting the verdict, so a shutdown cannot swallow the 250.
@@ -508,7 +498,7 @@ class Relay:
         # next message, and another client needing one meanwhile takes it instead of opening a
         # new connection to the provider.
         self._release_upstream()
-        self._log_message(transaction, ask.size, reply, "relayed" if reply.is_positive else "refused by upstream")
+        self.records.message(transaction, ask.size, reply, "relayed" if reply.is_positive else "refused by upstream")
         return reply
 
     async def _count_sent(self, recipients: int) -> None:
@@ -519,52 +509,4 @@ class Relay:
             await budgets.record(user.config, recipients)
         except StoreUnavailable as e:
             # The message is the upstream's now: its 250 stands, uncounted.
-            self._store_unavailable(e, "end-of-data")
-
-    # -- records ------------------------------------------------------------------------------
-
-    @property
-    def _upstream_name(self) -> str:
-        return self._user.upstream.name if self._user else "-"
-
-    def _log_message(self, transaction: _Transaction | None, size: int, reply: Reply, outcome: str, **extra: object) -> None:
-        """The one line per transaction: who sent what where, and what became of it."""
-        fields: dict[str, object] = {
-            "session": self.session_id, "client": self.peer, "user": self.username, "upstream": self._upstream_name,
-            "from": f"<{transaction.sender}>" if transaction else "-",
-            "rcpts": transaction.recipients if transaction else 0, "refused": transaction.refused if transaction else 0,
-            "size": size, "outcome": outcome, "reply": str(reply),
-            "duration": round(self.s.clock.seconds() - transaction.started, 3) if transaction else 0,
-            **extra,
-        }
-        if not reply.is_positive:
-            code, enhanced = codes_of(reply)
-            fields["hint"] = hint(code, enhanced, side="upstream" if outcome == "refused by upstream" else "client", command="end-of-data")
-        log.info("message", **fields)
-        self.s.metrics.message(self.username, self._upstream_name, _OUTCOMES[outcome], size)
-
-    def _log_refusal(self, reply: Reply, verb: str) -> None:
-        if reply.code == 535 or verb == "AUTH" and reply.code == 454:
-            return  # logged as "auth failed" / "auth throttled", the lines fail2ban reads
-        sender, self._refused_sender = self._refused_sender, None
-        log.info(
-            "refused", session=self.session_id, client=self.peer, user=self.username, command=verb, reply=str(reply),
-            hint=hint(
-                reply.code, reply.enhanced, side="client", command=verb, sender=sender, user=self.username,
-                allowed_senders=self._user.config.allowed_senders if self._user else (),
-            ),
-        )
-
-    def _log_upstream_failure(self, error: UpstreamError) -> None:
-        upstream = self._user.upstream if self._user else None
-        log.warn(
-            "upstream failure", session=self.session_id, client=self.peer, user=self.username,
-            upstream=upstream.name if upstream else "-", step=error.step, detail=error.detail,
-            hint=upstream_failure_hint(error, upstream.name if upstream else "-", upstream.host if upstream else None),
-        )
-
-    def _store_unavailable(self, error: StoreUnavailable, command: str) -> None:
-        log.error(
-            "limit store unavailable", store=error.store, detail=error.detail, command=command,
-            session=self.session_id, client=self.peer, user=self.username,
-        )
+            self.records.store_unavailable(e, "end-of-data")
