@@ -1,0 +1,1 @@
+"""The opt-in durable spool: messages taken on disk and delivered later."""
