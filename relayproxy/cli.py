@@ -48,7 +48,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_explain(sub)
     _add_check(sub)
+    _add_queue(sub)
     return parser
+
+
+def _add_queue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    queue = sub.add_parser(
+        "queue",
+        help="list, show, retry or delete spooled messages (also while the proxy runs)",
+        description=(
+            "The spool of users with delivery = \"spool\" or \"relay-then-spool\", read from [spool] "
+            "directory. list: the messages waiting (with --failed: those given up on, in failed/); show ID: "
+            "a message's envelope, delivery state and header; retry ID: try it again at once (a failed one "
+            "goes back to the queue), which the running proxy notices within [spool] scan_interval; "
+            "delete ID: remove it undelivered, telling nobody. A message being delivered right now is left "
+            "alone: exit status 1, as for an unknown ID; 2 for a bad configuration."
+        ),
+    )
+    queue.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the configuration file (default: %(default)s)")
+    actions = queue.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="the messages waiting, oldest first")
+    listing.add_argument("--failed", action="store_true", help="list failed/ instead: the messages given up on")
+    parsers = [listing]
+    for name, what in (("show", "one message's envelope, state and header"), ("retry", "try a message again at once"),
+                       ("delete", "remove a message undelivered")):
+        action = actions.add_parser(name, help=what)
+        action.add_argument("id", help="the message's ID, as list shows it and the 250 reply named it")
+        parsers.append(action)
+    for action in parsers:
+        # After the action too (relayproxy queue list --config PATH); SUPPRESS keeps one given before it.
+        action.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="the configuration file")
+    queue.set_defaults(func=_queue)
+
+
+def _queue(args: argparse.Namespace) -> int:
+    from relayproxy import queue
+    from relayproxy.spool.store import Spool
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"relayproxy: {problem}", file=sys.stderr)
+        return 2
+    assert config.spool.directory is not None
+    spool = Spool(config.spool.directory)
+    if not spool.queue.is_dir():
+        raise CommandError(f"{spool.directory} holds no spool (no queue/ folder): no user's delivery has used it yet")
+    if args.action == "list":
+        return queue.list_messages(spool, print, failed=args.failed)
+    command = {"show": queue.show, "retry": queue.retry, "delete": queue.delete}[args.action]
+    return command(spool, args.id, print)
 
 
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 AuthOutcome = Literal["ok", "failed", "throttled", "error"]
-MessageOutcome = Literal["relayed", "refused", "failed"]
+MessageOutcome = Literal["relayed", "spooled", "refused", "failed"]
 UpstreamPhase = Literal["connect", "tls", "auth", "end_of_data"]
+SpoolOutcome = Literal["delivered", "deferred", "bounced", "expired", "corrupt"]
+"""Per recipient, what a spool delivery attempt did (corrupt: per file moved aside)."""
 
 
 class Metrics(Protocol):
@@ -25,6 +27,11 @@ class Metrics(Protocol):
     def message(self, user: str, upstream: str, outcome: MessageOutcome, size: int) -> None: ...
 
     def upstream_latency(self, upstream: str, phase: UpstreamPhase, seconds: float) -> None: ...
+
+    def spool_delivery(self, upstream: str, outcome: SpoolOutcome, count: int = 1) -> None: ...
+
+    def spool_state(self, messages: int, oldest_age: float) -> None:
+        """What the last read of the spool found: messages waiting, and the age of the oldest in seconds."""
 
 
 class NullMetrics:
@@ -44,4 +51,10 @@ class NullMetrics:
         pass
 
     def upstream_latency(self, upstream: str, phase: UpstreamPhase, seconds: float) -> None:
+        pass
+
+    def spool_delivery(self, upstream: str, outcome: SpoolOutcome, count: int = 1) -> None:
+        pass
+
+    def spool_state(self, messages: int, oldest_age: float) -> None:
         pass

@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from relayproxy.listening import ListenerService
-from relayproxy.metrics import AuthOutcome, MessageOutcome, UpstreamPhase
+from relayproxy.metrics import AuthOutcome, MessageOutcome, SpoolOutcome, UpstreamPhase
 
 # From a loopback smarthost's reply (5 ms) to a provider that ponders a large body (60 s).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -59,7 +59,7 @@ class PrometheusMetrics:
         )
         self.messages = Counter(
             "relayproxy_messages",
-            "Messages by user, upstream and outcome (relayed, refused by the upstream, failed).",
+            "Messages by user, upstream and outcome (relayed, spooled, refused by the upstream, failed).",
             ["user", "upstream", "outcome"],
             registry=r,
         )
@@ -74,6 +74,19 @@ class PrometheusMetrics:
             "Upstream latency by phase: connect (to the greeting), tls, auth, end_of_data (final dot to reply).",
             ["upstream", "phase"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.spool_messages = Gauge(
+            "relayproxy_spool_messages", "Messages waiting in the spool (queue/), as of its last read.", registry=r
+        )
+        self.spool_oldest_age_seconds = Gauge(
+            "relayproxy_spool_oldest_age_seconds", "Age of the oldest message waiting in the spool, in seconds (0: none).", registry=r
+        )
+        self.spool_deliveries = Counter(
+            "relayproxy_spool_deliveries",
+            "Recipients of spooled messages by upstream and outcome of a delivery attempt (delivered, deferred, "
+            "bounced: refused for good, expired: past max_age) and spool files moved aside as corrupt.",
+            ["upstream", "outcome"],
             registry=r,
         )
         # Series that should read 0 rather than be absent before the first event.
@@ -102,6 +115,13 @@ class PrometheusMetrics:
 
     def upstream_latency(self, upstream: str, phase: UpstreamPhase, seconds: float) -> None:
         self.upstream_latency_seconds.labels(upstream=upstream, phase=phase).observe(max(seconds, 0.0))
+
+    def spool_delivery(self, upstream: str, outcome: SpoolOutcome, count: int = 1) -> None:
+        self.spool_deliveries.labels(upstream=upstream, outcome=outcome).inc(count)
+
+    def spool_state(self, messages: int, oldest_age: float) -> None:
+        self.spool_messages.set(messages)
+        self.spool_oldest_age_seconds.set(max(oldest_age, 0.0))
 
     def exposition(self) -> bytes:
         """The Prometheus text format of everything in ``registry``."""

@@ -19,7 +19,7 @@ from relayproxy.store import StoreUnavailable
 log = EventLog("relayproxy.server")
 
 _OUTCOMES: dict[str, MessageOutcome] = {
-    "relayed": "relayed", "refused": "refused", "refused by upstream": "refused", "failed": "failed",
+    "relayed": "relayed", "spooled": "spooled", "refused": "refused", "refused by upstream": "refused", "failed": "failed",
 }
 
 

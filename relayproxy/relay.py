@@ -38,6 +38,7 @@ from relayproxy.smtp.session import (
     Abandon, AbortBody, Action, Answer, Ask, Body, CheckMail, CheckRcpt, CheckThrottle, Close, EndOfData,
     Forward, Forwarded, Login, Logout, Send, ServerSession, SessionSettings, StartTLS, State, ASKS,
 )
+from relayproxy.spool.intake import IntakeSession, Origin, Spooler
 from relayproxy.store import StoreUnavailable
 from relayproxy.upstream.interface import Upstream, UpstreamSession
 
@@ -73,6 +74,8 @@ class ServerSettings:
     """Whether a name is in the users file; None: every name is logged as typed."""
     devices: tuple[tuple[Network, RelayUser], ...] = field(default=(), repr=False)
     """The users' devices networks, each with its user; empty unless the listener has allow_ip_login."""
+    spooler: Spooler | None = field(default=None, repr=False)
+    """Takes the mail of users whose delivery is "spool" or "relay-then-spool"; None: no user's is."""
 
     @property
     def implicit_tls(self) -> bool:
@@ -374,7 +377,7 @@ class Relay:
         commands = ask.commands
         if self._upstream is None:
             try:
-                self._upstream = await self.s.upstreams[self._user.upstream.name].acquire(self)
+                self._upstream = await self._upstream_of(self._user).acquire(self)
             except UpstreamError as e:
                 self.records.upstream_failure(e)
                 return Forwarded((e.reply,) * len(commands), e.reply)
@@ -418,6 +421,14 @@ class Relay:
             # The session is gone: the rest of the transaction cannot reach the upstream.
             return Forwarded(tuple(replies), Catalogue.UPSTREAM_LOST)
         return Forwarded(tuple(replies))
+
+    def _upstream_of(self, user: RelayUser) -> Upstream:
+        upstream = self.s.upstreams[user.upstream.name]
+        delivery, spooler = user.config.delivery, self.s.spooler
+        if delivery == "relay" or spooler is None:
+            return upstream
+        origin = Origin(user.name, user.upstream.name, self.peer, self.session_id)
+        return spooler.intake(upstream, origin, relay_first=delivery == "relay-then-spool")
 
     # -- the body -----------------------------------------------------------------------------
 
@@ -498,7 +509,9 @@ class Relay:
         # next message, and another client needing one meanwhile takes it instead of opening a
         # new connection to the provider.
         self._release_upstream()
-        self.records.message(transaction, ask.size, reply, "relayed" if reply.is_positive else "refused by upstream")
+        spooled = upstream.spooled if isinstance(upstream, IntakeSession) else None
+        outcome = "spooled" if spooled is not None else "relayed" if reply.is_positive else "refused by upstream"
+        self.records.message(transaction, ask.size, reply, outcome, **({"id": spooled} if spooled else {}))
         return reply
 
     async def _count_sent(self, recipients: int) -> None:

@@ -30,6 +30,9 @@ from relayproxy.metrics import Metrics, NullMetrics
 from relayproxy.prometheus import PrometheusMetrics, metrics_service
 from relayproxy.proxyprotocol import listener_service
 from relayproxy.server import ServerSettings, SMTPServerFactory
+from relayproxy.spool.delivery import Deliveries
+from relayproxy.spool.intake import Spooler
+from relayproxy.spool.store import Spool
 from relayproxy.store import open_store
 from relayproxy.upstream.graph import GraphUpstream
 from relayproxy.upstream.smtp import SMTPUpstream
@@ -197,6 +200,9 @@ class RelayService(MultiService):
         # "auth ok" for a user and address once an hour: an app logging in all day is not news.
         self._logins = FirstSeen(reactor, 3600)
         self._upstreams: dict[str, SMTPUpstream | GraphUpstream] = {}
+        self._spooler: Spooler | None = None
+        self._deliveries: Deliveries | None = None
+        self._spool_for(config)
         shared = self._shared(config)
         self._upstreams = shared[1]
         options = _server_tls(config)
@@ -211,6 +217,31 @@ class RelayService(MultiService):
                 reactor, config.metrics.endpoint, prometheus, self.healthy,
                 until=lambda: defer.gatherResults([f.when_empty() for f in self._factories()]),
             ).setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _spool_for(self, config: Config) -> None:
+        """The spool and its deliveries, once a configuration uses it or it holds messages; they
+        stay for the life of the process, so that what a user spooled is delivered after a reload
+        changed the user's delivery."""
+        directory = config.spool.directory
+        assert directory is not None
+        if self._spooler is not None:
+            if self._spooler.spool.directory != directory:
+                log.warn("reload: a change of [spool] directory takes effect only after a restart")
+            return
+        if not (config.spooling or (directory / "queue").is_dir()):
+            return
+        spool = Spool(directory)
+        try:
+            # Before anything listens (the reactor does not run yet): what a crash left half-received goes.
+            for name in spool.prepare():
+                log.info("spool: removed a message whose receipt was never completed", file=name)
+        except OSError as e:
+            message = f"cannot use the spool directory {directory}: {e.strerror}"
+            os.write(2, f"relayproxy: {message}\n".encode())
+            raise StartupFailed(message) from None
+        deliveries = Deliveries(self._reactor, spool, config.spool, config.server.hostname, lambda: self._upstreams, self.metrics)
+        self._deliveries = deliveries
+        self._spooler = Spooler(self._reactor, spool, config.spool.retry_initial, deliveries.kick)
 
     def healthy(self) -> bool:
         """Is the service running with every child service (each listener) running?"""
@@ -252,6 +283,7 @@ class RelayService(MultiService):
             logins=self._logins,
             known_user=known_names(portal),
             devices=device_users(config) if listener.allow_ip_login else (),
+            spooler=self._spooler,
         )
 
     def _listener(
@@ -290,11 +322,14 @@ class RelayService(MultiService):
         # all listeners or none, raising CannotListen.
         self._bind()
         super().startService()  # type: ignore[no-untyped-call]
+        if self._deliveries is not None:
+            self._deliveries.start()
 
     def stopService(self) -> defer.Deferred[object]:
         """Stop accepting; idle sessions get 421 4.3.2 now, the others when their transaction ends
         or when ``shutdown_grace`` runs out (a message already handed over still gets its verdict)."""
         stopped = super().stopService()  # type: ignore[no-untyped-call]
+        spooling = self._deliveries.stop() if self._deliveries is not None else defer.succeed(None)
         sessions = [session for factory in self._factories() for session in list(factory.sessions)]
         for session in sessions:
             session.drain()
@@ -309,7 +344,7 @@ class RelayService(MultiService):
             self._store.close()
             return result
 
-        return defer.gatherResults([defer.maybeDeferred(lambda: stopped), drained]).addBoth(done)
+        return defer.gatherResults([defer.maybeDeferred(lambda: stopped), drained, spooling]).addBoth(done)
 
     def _force_close(self) -> None:
         for factory in self._factories():
@@ -352,6 +387,10 @@ class RelayService(MultiService):
             new = replace(new, limits=replace(new.limits, store=self.config.limits.store))
         if new.log != self.config.log:
             log.warn("reload: [log] format changes take effect only after a restart")
+        try:
+            self._spool_for(new)
+        except StartupFailed as e:
+            return self._refuse([f"{new.path}: {e}"])
         shared = self._shared(new)
         unclaimed = {listener.config.endpoint: listener for listener in self._listeners}
         plan: list[tuple[_Listener, ListenerConfig]] = []
@@ -374,6 +413,10 @@ class RelayService(MultiService):
         self._throttle.update(new.limits)
         self._connections.update(new.limits)
         self._upstreams = shared[1]
+        if self._deliveries is not None:
+            self._deliveries.config = new.spool
+            if self.running and not self._deliveries.running:
+                self._deliveries.start()
         for listener, wanted in plan:
             listener.config = wanted
             current = options.get(tls_policy(wanted))

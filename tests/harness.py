@@ -185,7 +185,8 @@ class Smarthost:
         cert, key = self.pki.issue(f"upstream-{self.hostname}", self.hostname)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(cert), str(key))
-        self.port = free_port()
+        # A preset port: the upstream comes up where the proxy was told it is (down, then up).
+        self.port = self.port or free_port()
 
         def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
             if not isinstance(data, LoginPassword):

@@ -8,10 +8,10 @@ the key, what is wrong and the fix.
 from relayproxy.config.rules import load_config
 from relayproxy.config.sections import (
     DEFAULT_PATH, AuthConfig, ClientCertificate, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig, OAuthConfig,
-    ServerConfig, ServiceAccount, TLSConfig, UpstreamConfig, UserConfig,
+    ServerConfig, ServiceAccount, SpoolConfig, TLSConfig, UpstreamConfig, UserConfig,
 )
 
 __all__ = [
     "DEFAULT_PATH", "AuthConfig", "ClientCertificate", "Config", "LimitsConfig", "ListenerConfig", "LogConfig", "MetricsConfig",
-    "OAuthConfig", "ServerConfig", "ServiceAccount", "TLSConfig", "UpstreamConfig", "UserConfig", "load_config",
+    "OAuthConfig", "ServerConfig", "ServiceAccount", "SpoolConfig", "TLSConfig", "UpstreamConfig", "UserConfig", "load_config",
 ]

@@ -27,7 +27,7 @@ from OpenSSL import SSL
 from relayproxy.config.schema import Invalid, Setting, Source, Table, fix_of, key_names, settings
 from relayproxy.config.sections import (
     DEFAULT_UPSTREAM, HOSTS, TABLES, AuthConfig, ClientCertificate, Config, LimitsConfig, ListenerConfig, LogConfig, MetricsConfig, Network,
-    OAuthConfig, ServerConfig, ServiceAccount, TLSConfig, TLSKey, UpstreamConfig, UserConfig, _https_url, endpoint_fields,
+    OAuthConfig, ServerConfig, ServiceAccount, SpoolConfig, TLSConfig, TLSKey, UpstreamConfig, UserConfig, _https_url, endpoint_fields,
 )
 from relayproxy.errors import ConfigError
 from relayproxy.usersfile import UsersFileError, read_users_file
@@ -63,8 +63,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None, *, for_oau
     limits = _limits(top.table("limits"))
     log = _plain(top, "log", LogConfig)
     metrics = _plain(top, "metrics", MetricsConfig)
+    spool = _spool(top.table("spool"), users, source.environ)
     source.raise_problems()
-    return Config(path, server, tls, listeners, auth, upstreams, users, limits, log, metrics)
+    return Config(path, server, tls, listeners, auth, upstreams, users, limits, log, metrics, spool)
 
 
 def _plain(top: Table, name: str, cls: type[T]) -> T:
@@ -660,6 +661,34 @@ def _devices(outer: Table, users: Mapping[str, UserConfig]) -> None:
                     )
                     break
             claimed.append((network, name))
+
+
+def _spool(table: Table, users: Mapping[str, UserConfig], environ: Mapping[str, str]) -> SpoolConfig:
+    table.check_known(key_names(SpoolConfig))
+    spool = table.read(SpoolConfig)
+    if spool.directory is None:
+        # systemd's StateDirectory= names the unit's own directory in $STATE_DIRECTORY (the first of
+        # a colon-separated list).
+        state = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        spool = replace(spool, directory=Path(state or "/var/lib/relayproxy") / "spool")
+    if spool.retry_max < spool.retry_initial:
+        table.problem("retry_max", f"{spool.retry_max:g} is less than retry_initial ({spool.retry_initial:g})", "make it at least retry_initial")
+    spooling = sorted(name for name, user in users.items() if user.delivery != "relay")
+    if spooling:
+        assert spool.directory is not None
+        try:
+            # Private: the files hold whole messages and their envelopes.
+            spool.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            writable = os.access(spool.directory, os.W_OK | os.X_OK)
+        except OSError as e:
+            table.problem("directory", f"{spool.directory} cannot be created ({e.strerror})", "create it, owned by the user relayproxy runs as (mode 0700), or name another")
+        else:
+            if not writable:
+                table.problem(
+                    "directory", f"{spool.directory} is not writable by this user (needed by [users.{spooling[0]}] delivery)",
+                    "make it owned by the user relayproxy runs as (mode 0700), or name another",
+                )
+    return spool
 
 
 def _limits(table: Table) -> LimitsConfig:

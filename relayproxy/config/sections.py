@@ -30,6 +30,7 @@ UpstreamTLS = Literal["implicit", "starttls", "none"]
 UpstreamAuth = Literal["password", "xoauth2"]
 UpstreamKind = Literal["smtp", "graph"]
 OAuthGrant = Literal["refresh_token", "client_credentials", "service_account"]
+Delivery = Literal["relay", "spool", "relay-then-spool"]
 LogFormat = Literal["text", "json"]
 TLSVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -333,6 +334,9 @@ class UserConfig:
     """AUTH as this user from elsewhere fails like a wrong password; empty: from anywhere."""
     devices: tuple[Network, ...] = setting(default=(), parse=_network, fix=_NETWORKS)
     """Clients from these networks are this user without AUTH, on listeners with allow_ip_login."""
+    delivery: Delivery = setting(default="relay")
+    """relay: the upstream's verdict is the client's; spool: into [spool] directory, delivered from
+    there; relay-then-spool: relayed, and spooled when the upstream cannot take it now (4xx, down)."""
 
     def may_send(self, address: str) -> bool:
         """May this user use ``address`` as a sender (MAIL FROM, and the header From and Sender)?"""
@@ -412,6 +416,20 @@ class MetricsConfig:
 
 
 @section
+class SpoolConfig:
+    directory: Path | None = setting(default=None, fix="write the path of a directory that only the relayproxy user may write")
+    """None: $STATE_DIRECTORY/spool under systemd's StateDirectory, else /var/lib/relayproxy/spool (rules.py)."""
+    max_age: float = setting(default=5 * 86400.0)
+    """How long a message is retried before its sender gets a delivery status notification."""
+    retry_initial: float = setting(default=60.0)
+    retry_max: float = setting(default=3600.0)
+    max_deliveries: int = setting(default=10, low=1, high=10**6, fix="write a number of deliveries such as 10")
+    """Spool deliveries in progress at once, over all upstreams (each upstream's max_sessions still applies)."""
+    scan_interval: float = setting(default=5.0)
+    """How often the spool directory is read again: how soon a `relayproxy queue retry` takes effect."""
+
+
+@section
 class Config:
     path: Path
     server: ServerConfig
@@ -423,6 +441,12 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    spool: SpoolConfig = SpoolConfig()
+
+    @property
+    def spooling(self) -> bool:
+        """Does any user's mail go through the spool?"""
+        return any(user.delivery != "relay" for user in self.users.values())
 
     def user(self, name: str) -> UserConfig:
         """The configuration of user ``name``; users without a section use the defaults."""
@@ -439,5 +463,6 @@ TABLES: dict[str, tuple[Schema, ...]] = {
     "limits": (LimitsConfig,),
     "log": (LogConfig,),
     "metrics": (MetricsConfig,),
+    "spool": (SpoolConfig,),
 }
 """Every table and the declarations of its keys; NAME stands for any name."""

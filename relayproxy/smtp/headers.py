@@ -162,3 +162,21 @@ class HeaderFilter:
         refused = [address for address in senders.addresses if not may_send(address)]
         if refused or not senders.addresses:
             self.foreign = ", ".join(f"<{address}>" for address in refused) or "no From"
+
+
+def header_block(start: bytes) -> bytes | None:
+    """The header block at the start of a message, without the empty line; None if ``start`` ends first."""
+    if start.startswith(b"\r\n"):
+        return b""
+    end = start.find(_END_OF_HEADER)
+    return start[:end] if end >= 0 else None
+
+
+def message_id(header: bytes) -> str | None:
+    """The Message-ID field's value as one printable line, for the log; None without one."""
+    for field in header_fields(header):
+        name, colon, value = field.partition(b":")
+        if colon and name.strip().lower() == b"message-id":
+            text = value.replace(b"\r\n", b"").strip().decode("ascii", "replace")
+            return "".join(c for c in text if c.isprintable())[:200] or None
+    return None

@@ -231,6 +231,11 @@ class Catalogue:
     UPSTREAM_BAD_REPLY = composed(451, "4.4.0", "Upstream sent an invalid reply, try again later")
     UPSTREAM_TIMEOUT = composed(451, "4.4.2", "Upstream timed out, try again later")
     LIMIT_STORE_UNAVAILABLE = composed(451, "4.3.0", "Sending limits cannot be checked now, try again later")
+    # RFC 3463 X.3.1 "mail system full": the disk, a quota or a file size limit; X.3.0 anything else.
+    SPOOL_FULL = composed(452, "4.3.1", "Insufficient system storage: the spool cannot take the message now, try again later")
+    SPOOL_FAILED = composed(451, "4.3.0", "Local error writing the message to the spool, try again later")
+    MAIL_OK = composed(250, "2.1.0", "Ok")
+    RCPT_OK = composed(250, "2.1.5", "Ok")
 
     EARLY_TALKER = composed(554, "5.5.0", "Protocol error: client spoke before the greeting")
     TOO_MANY_ERRORS = composed(421, "4.7.0", "Too many invalid commands, closing connection")
@@ -269,6 +274,11 @@ class Catalogue:
     def sending_limit(name: str, time: str) -> Reply:
         """The user's messages per hour or recipients per day are used up until ``time`` (UTC, ISO 8601)."""
         return composed(451, "4.7.1", f"Sending limit reached for {_shown(name)}, try again after {time}")
+
+    @staticmethod
+    def spooled(spool_id: str) -> Reply:
+        """On disk (fsync'ed): the spool delivers it, or tells the sender it could not."""
+        return composed(250, "2.0.0", f"Ok: queued as {_shown(spool_id)} (spooled)")
 
     @staticmethod
     def upstream_no_smtputf8(name: str) -> Reply:

@@ -1,0 +1,224 @@
+"""The spool through the in-process proxy: delivery = "spool" and "relay-then-spool", retries,
+notifications, write failures, corrupt files.
+
+The upstream is aiosmtpd (tests/harness.py Smarthost); the client smtplib; what is asserted is what
+the client heard, what the upstream received, and what is left in the spool directory.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import errno
+import json
+import smtplib
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness import PKI, Proxy, Smarthost, fields_of, free_port, login, smarthost_upstream, start_proxy, wait_for, write_config
+from relayproxy.spool.store import Spool
+
+MESSAGE = b"From: app1@example.org\r\nSubject: scan\r\nMessage-ID: <scan-1@example.org>\r\n\r\nthe scan\r\n.leading dot\r\n"
+FAST = "max_age = 30\nretry_initial = 0.2\nretry_max = 0.4\nscan_interval = 0.1\n"
+
+
+def spool_config(tmp_path: Path, pki: PKI, smarthost: Smarthost, delivery: str, spool: str = FAST) -> tuple[Path, tuple[int, int, int]]:
+    extra = f'[users.app1]\ndelivery = "{delivery}"\n\n[spool]\ndirectory = "{tmp_path / "spool"}"\n{spool}'
+    return write_config(tmp_path, pki, smarthost_upstream(smarthost, pki), extra=extra)
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[Proxy]]:
+    proxies: list[Proxy] = []
+    yield proxies
+    for proxy in proxies:
+        proxy.stop()
+
+
+def run(config: tuple[Path, tuple[int, int, int]], started: list[Proxy]) -> Proxy:
+    proxy = start_proxy(*config)
+    started.append(proxy)
+    return proxy
+
+
+def send(proxy: Proxy, pki: PKI, recipients: tuple[str, ...] = ("bob@example.net",), message: bytes = MESSAGE) -> tuple[int, bytes]:
+    with login(proxy.port, pki) as smtp:
+        smtp.mail("app1@example.org")
+        for recipient in recipients:
+            code, text = smtp.rcpt(recipient)
+            assert code == 250, (code, text)
+        smtp.putcmd("data")
+        code, text = smtp.getreply()
+        assert code == 354
+        smtp.send(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        return smtp.getreply()
+
+
+def queued(tmp_path: Path, folder: str = "queue") -> list[dict[str, Any]]:
+    return [json.loads(p.read_bytes()) for p in sorted((tmp_path / "spool" / folder).glob("*.env"))]
+
+
+def test_spool_answers_250_once_on_disk_then_delivers_once(tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy]) -> None:
+    smarthost.data_reply = "451 4.3.0 not now"
+    proxy = run(spool_config(tmp_path, pki, smarthost, "spool"), started)
+    code, text = send(proxy, pki)
+    assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ") and text.endswith(b" (spooled)")
+    spool_id = text.split()[4].decode()
+    (envelope,) = queued(tmp_path)
+    assert envelope["id"] == spool_id and envelope["recipients"] == ["bob@example.net"] and envelope["user"] == "app1"
+    assert envelope["sender"] == "app1@example.org" and envelope["upstream"] == "default"
+    assert envelope["message_id"] == "<scan-1@example.org>"
+    for path in (tmp_path / "spool" / "queue").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700
+    wait_for(lambda: queued(tmp_path) and queued(tmp_path)[0]["attempts"] >= 1)
+    assert queued(tmp_path)[0]["last_error"].startswith("451 4.3.0 not now")
+    smarthost.data_reply = None
+    wait_for(lambda: not queued(tmp_path))
+    assert [(m.mail_from, m.rcpt_tos, m.content) for m in smarthost.received] == [("app1@example.org", ["bob@example.net"], MESSAGE)]
+
+
+def test_the_upstream_down_then_up_gets_the_message_once(tmp_path: Path, pki: PKI, started: list[Proxy]) -> None:
+    later = Smarthost(pki, port=free_port())
+    proxy = run(spool_config(tmp_path, pki, later, "spool"), started)
+    code, _ = send(proxy, pki)
+    assert code == 250
+    wait_for(lambda: queued(tmp_path)[0]["attempts"] >= 2)
+    later.start()
+    try:
+        wait_for(lambda: not queued(tmp_path))
+        assert [m.content for m in later.received] == [MESSAGE]
+    finally:
+        later.stop()
+
+
+def test_relay_then_spool_relays_when_the_upstream_takes_it(tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy]) -> None:
+    proxy = run(spool_config(tmp_path, pki, smarthost, "relay-then-spool"), started)
+    assert send(proxy, pki) == (250, b"2.0.0 Ok: queued as TEST1")
+    assert [m.content for m in smarthost.received] == [MESSAGE]
+    assert queued(tmp_path) == [] and list((tmp_path / "spool" / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("step", ["mail", "data-end"])
+def test_relay_then_spool_spools_on_a_4xx(tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy], step: str) -> None:
+    if step == "mail":
+        smarthost.mail_reply = "421 4.7.0 Try again later"
+    else:
+        smarthost.data_reply = "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"
+    proxy = run(spool_config(tmp_path, pki, smarthost, "relay-then-spool"), started)
+    code, text = send(proxy, pki)
+    assert code == 250 and text.endswith(b"(spooled)")
+    (envelope,) = queued(tmp_path)
+    assert envelope["attempts"] == 1 and envelope["last_error"]
+    smarthost.mail_reply = smarthost.data_reply = None
+    wait_for(lambda: not queued(tmp_path))
+    assert [m.content for m in smarthost.received] == [MESSAGE]
+
+
+def test_relay_then_spool_spools_when_the_upstream_is_down(tmp_path: Path, pki: PKI, started: list[Proxy]) -> None:
+    later = Smarthost(pki, port=free_port())
+    proxy = run(spool_config(tmp_path, pki, later, "relay-then-spool"), started)
+    code, text = send(proxy, pki)
+    assert code == 250 and text.endswith(b"(spooled)")
+    later.start()
+    try:
+        wait_for(lambda: not queued(tmp_path))
+        assert [m.content for m in later.received] == [MESSAGE]
+    finally:
+        later.stop()
+
+
+def test_relay_then_spool_passes_a_5xx_and_spools_only_the_deferred_recipient(
+    tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy]
+) -> None:
+    smarthost.rcpt_replies = {"gone@example.net": "550 5.1.1 No such user", "busy@example.net": "450 4.2.1 Mailbox busy"}
+    proxy = run(spool_config(tmp_path, pki, smarthost, "relay-then-spool"), started)
+    with login(proxy.port, pki) as smtp:
+        smtp.mail("app1@example.org")
+        assert smtp.rcpt("gone@example.net") == (550, b"5.1.1 No such user")
+        assert smtp.rcpt("bob@example.net")[0] == 250
+        assert smtp.rcpt("busy@example.net") == (250, b"2.1.5 Ok")
+        code, text = smtp.data(b"Subject: two\r\n\r\nx\r\n")
+    assert (code, text) == (250, b"2.0.0 Ok: queued as TEST1")
+    assert [m.rcpt_tos for m in smarthost.received] == [["bob@example.net"]]
+    (envelope,) = queued(tmp_path)
+    assert envelope["pending"] == ["busy@example.net"]
+    smarthost.rcpt_replies = {}
+    wait_for(lambda: not queued(tmp_path))
+    assert [m.rcpt_tos for m in smarthost.received] == [["bob@example.net"], ["busy@example.net"]]
+
+
+def test_a_5xx_from_the_spool_sends_a_notification_and_keeps_the_message_in_failed(
+    tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy], events: list[dict[str, Any]]
+) -> None:
+    smarthost.rcpt_replies = {"gone@example.net": "550 5.1.1 No such user"}
+    proxy = run(spool_config(tmp_path, pki, smarthost, "spool"), started)
+    assert send(proxy, pki, ("gone@example.net",))[0] == 250
+    wait_for(lambda: bool(smarthost.received) and not queued(tmp_path))
+    (notice,) = smarthost.received
+    assert notice.mail_from == "<>" and notice.rcpt_tos == ["app1@example.org"]
+    report = email.message_from_bytes(notice.content, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report" and report.get_param("report-type") == "delivery-status"
+    status = notice.content.decode()
+    assert "Final-Recipient: rfc822; gone@example.net" in status and "Status: 5.1.1" in status and "550 5.1.1 No such user" in status
+    assert "Subject: scan" in status
+    (failed,) = queued(tmp_path, "failed")
+    assert failed["bounced"] == [["gone@example.net", "550 5.1.1 No such user"]]
+    assert fields_of(events, "spool gave up")[0]["id"] == failed["id"]
+
+
+def test_a_message_past_max_age_is_given_up_with_a_notification(tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy]) -> None:
+    smarthost.rcpt_replies = {"bob@example.net": "450 4.2.1 Mailbox busy"}
+    proxy = run(spool_config(tmp_path, pki, smarthost, "spool", FAST.replace("max_age = 30", "max_age = 0.5")), started)
+    assert send(proxy, pki)[0] == 250
+    wait_for(lambda: bool(queued(tmp_path, "failed")))
+    wait_for(lambda: bool(smarthost.received))
+    status = smarthost.received[0].content.decode()
+    assert "Action: failed" in status and "Status: 4.4.7" in status and "450 4.2.1 Mailbox busy" in status
+
+
+@pytest.mark.parametrize(("error", "reply"), [(errno.ENOSPC, (452, b"4.3.1")), (errno.EIO, (451, b"4.3.0"))])
+def test_a_write_error_is_a_4xx_and_nothing_is_spooled(
+    tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy], monkeypatch: pytest.MonkeyPatch, error: int, reply: tuple[int, bytes]
+) -> None:
+    def fail(self: Spool, text: Any, envelope: Any) -> None:
+        raise OSError(error, "faked at the storage boundary")
+
+    monkeypatch.setattr(Spool, "commit", fail)
+    proxy = run(spool_config(tmp_path, pki, smarthost, "spool"), started)
+    code, text = send(proxy, pki)
+    assert (code, text.split()[0]) == reply
+    wait_for(lambda: not list((tmp_path / "spool" / "tmp").iterdir()))
+    assert queued(tmp_path) == [] and smarthost.received == []
+
+
+def test_a_corrupt_file_is_moved_aside_and_the_rest_delivered(
+    tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy], events: list[dict[str, Any]]
+) -> None:
+    smarthost.data_reply = "451 4.3.0 not yet"
+    proxy = run(spool_config(tmp_path, pki, smarthost, "spool"), started)
+    assert send(proxy, pki)[0] == 250
+    broken = tmp_path / "spool" / "queue" / "18a0b0c0d0e0f-0badf00d"
+    broken.with_suffix(".msg").write_bytes(b"Subject: x\r\n\r\n")
+    broken.with_suffix(".env").write_bytes(b"{not json")
+    smarthost.data_reply = None
+    wait_for(lambda: not list((tmp_path / "spool" / "queue").iterdir()))
+    assert sorted(p.name for p in (tmp_path / "spool" / "corrupt").iterdir()) == [
+        "18a0b0c0d0e0f-0badf00d.env", "18a0b0c0d0e0f-0badf00d.msg", "18a0b0c0d0e0f-0badf00d.why",
+    ]
+    assert [m.content for m in smarthost.received] == [MESSAGE]
+    assert fields_of(events, "spool file corrupt")[0]["file"] == "18a0b0c0d0e0f-0badf00d.env"
+
+
+def test_a_user_without_spool_delivery_is_relayed_as_before(tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy]) -> None:
+    smarthost.data_reply = "451 4.3.0 not now"
+    proxy = run(spool_config(tmp_path, pki, smarthost, "relay"), started)
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        with login(proxy.port, pki) as smtp:
+            smtp.sendmail("app1@example.org", ["bob@example.net"], MESSAGE)
+    assert refused.value.smtp_code == 451
+    assert not (tmp_path / "spool").exists()
