@@ -49,7 +49,9 @@ class Options(usage.Options):
         "Run the relayproxy SMTP relay proxy: every app logs in with its own account (see "
         "`relayproxy passwd`), and each message is relayed, streaming, to the app's upstream "
         "smarthost with the provider credentials that only the proxy holds. The upstream's "
-        "verdict is the app's verdict. Every key of the config file is documented in "
+        "verdict is the app's verdict, unless the app's user has delivery = \"spool\" or "
+        "\"relay-then-spool\" (then a message the upstream cannot take now is answered 250 once "
+        "it is on disk in [spool] directory, and delivered from there). Every key of the config file is documented in "
         "etc/relayproxy.toml. A bad config prints one line per problem and exits with status 2; "
         "a listener that cannot bind prints one line and exits with status 1, nothing served."
     )

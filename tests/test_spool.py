@@ -222,3 +222,25 @@ def test_a_user_without_spool_delivery_is_relayed_as_before(tmp_path: Path, pki:
             smtp.sendmail("app1@example.org", ["bob@example.net"], MESSAGE)
     assert refused.value.smtp_code == 451
     assert not (tmp_path / "spool").exists()
+
+
+def test_graph_through_the_spool_honours_retry_after(make_proxy: Any, graph: Any, tmp_path: Path, pki: PKI) -> None:
+    from graph_standin import throttled
+
+    graph.script("sendMail", throttled(2))
+    spool = tmp_path / "graph-spool"
+    route = f'[users.app1]\nupstream = "m365"\ndelivery = "relay-then-spool"\n\n[spool]\ndirectory = "{spool}"\n{FAST}'
+    proxy = make_proxy(graph.upstream_toml(tmp_path), extra=route)
+    with login(proxy.port, pki) as smtp:
+        smtp.mail("alerts@example.org")
+        smtp.rcpt("alice@example.net")
+        code, text = smtp.data(b"From: alerts@example.org\r\nTo: alice@example.net\r\nSubject: alert\r\n\r\ndisk full\r\n")
+    assert code == 250 and text.endswith(b"(spooled)")
+    (envelope,) = [json.loads(p.read_bytes()) for p in (spool / "queue").glob("*.env")]
+    # Graph's Retry-After (2 s), not retry_initial (0.2 s), sets the next attempt.
+    assert envelope["next_attempt"] - envelope["received"] >= 2
+    assert "throttles upstream m365, try again in 2 seconds" in envelope["last_error"]
+    wait_for(lambda: bool(graph.deliveries), timeout=15)
+    [delivery] = graph.deliveries
+    assert delivery.recipients == ["alice@example.net"] and delivery.raw is not None and delivery.raw.endswith(b"disk full\r\n")
+    wait_for(lambda: not list((spool / "queue").iterdir()))

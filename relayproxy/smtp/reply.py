@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 # Printable ASCII and space only: a relayed reply must not carry control characters (ANSI escapes
@@ -34,6 +34,8 @@ class Reply:
     code: int
     lines: tuple[str, ...]
     enhanced: str | None = None
+    retry_after: int | None = field(default=None, compare=False)
+    """Seconds the upstream asked to wait before trying again (Graph's Retry-After), for the spool."""
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
@@ -304,11 +306,11 @@ class Catalogue:
 
     @staticmethod
     def graph_throttled(name: str, seconds: int | None) -> Reply:
-        return composed(451, "4.7.0", f"Microsoft Graph throttles upstream {name}, {_again(seconds)}")
+        return Reply(451, (f"Microsoft Graph throttles upstream {name}, {_again(seconds)}",), "4.7.0", seconds)
 
     @staticmethod
     def graph_unavailable(name: str, status: int, seconds: int | None) -> Reply:
-        return composed(451, "4.4.5", f"Microsoft Graph unavailable for upstream {name} (HTTP {status}), {_again(seconds)}")
+        return Reply(451, (f"Microsoft Graph unavailable for upstream {name} (HTTP {status}), {_again(seconds)}",), "4.4.5", seconds)
 
     @staticmethod
     def graph_send_as_denied(name: str) -> Reply:

@@ -39,7 +39,6 @@ _CHUNK = 64 * 1024
 _HEADER = 64 * 1024
 """Octets of a message's start read for the header its notification quotes."""
 _ENHANCED = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
-_RETRY_AFTER = re.compile(r"try again in (\d+) seconds")
 
 
 @dataclass
@@ -60,10 +59,7 @@ class Attempt:
             self.delivered += recipients
         elif reply.is_temporary:
             self.deferred += recipients
-            # Graph's 429 and 503 carry Retry-After, which the composed reply states in seconds.
-            wait = _RETRY_AFTER.search(str(reply))
-            if wait is not None:
-                self.retry_after = max(self.retry_after, float(wait.group(1)))
+            self.retry_after = max(self.retry_after, reply.retry_after or 0)
         else:
             self.bounced += [(r, text) for r in recipients]
 

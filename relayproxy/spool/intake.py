@@ -96,6 +96,8 @@ class IntakeSession:
         self._relay = relay
         self._why = why
         """Why the upstream did not take (all of) the message now: the spool's first attempt's error."""
+        self._retry_after = 0
+        """The upstream's Retry-After with that, in seconds (0: none)."""
         self._relaying = False
         """This transaction is with the upstream too."""
         self._mail: Mail | None = None
@@ -146,7 +148,7 @@ class IntakeSession:
             return Catalogue.MAIL_FIRST
         if answer is None or answer.is_temporary:
             if answer is not None:
-                self._why = str(answer)
+                self._deferred_by(answer)
             self._deferred.append(recipient)
             return Catalogue.RCPT_OK
         if answer.is_positive:
@@ -171,7 +173,7 @@ class IntakeSession:
     def _leave_relay(self, answer: Reply | None) -> None:
         """The rest of the transaction is the spool's, the recipients the upstream accepted too."""
         if answer is not None:
-            self._why = str(answer)
+            self._deferred_by(answer)
         self._deferred = self._relayed + self._deferred
         self._relayed = []
         if self._relaying and self._relay is not None:
@@ -179,6 +181,10 @@ class IntakeSession:
             # In the body (a 354 with no recipient left for it) only closing keeps it undelivered.
             relay.release()
         self._relaying = False
+
+    def _deferred_by(self, reply: Reply) -> None:
+        self._why = str(reply)
+        self._retry_after = max(self._retry_after, reply.retry_after or 0)
 
     def body(self, data: bytes) -> None:
         if self._relaying:
@@ -213,7 +219,7 @@ class IntakeSession:
             if relay.failure is not None:
                 self._why, self._relay = relay.failure.detail, None
             elif verdict.is_temporary:
-                self._why = str(verdict)
+                self._deferred_by(verdict)
             if not verdict.is_temporary:
                 if verdict.is_positive and self._deferred:
                     refusal = await self._commit(writer, self._deferred)
@@ -236,7 +242,7 @@ class IntakeSession:
             received=now, size=writer.size, client=origin.client, session=origin.session,
             message_id=message_id(header) if header is not None else None, eight_bit=mail.eight_bit, smtputf8=mail.smtputf8,
             pending=tuple(recipients), attempts=0 if first_try else 1,
-            next_attempt=now if first_try else now + self._spooler.retry_initial, last_error=self._why,
+            next_attempt=now if first_try else now + max(self._spooler.retry_initial, self._retry_after), last_error=self._why,
         )
         refusal = await writer.commit(envelope)
         if refusal is None:
