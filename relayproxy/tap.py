@@ -243,7 +243,7 @@ class RelayService(MultiService):
             raise StartupFailed(message) from None
         deliveries = Deliveries(self._reactor, spool, config.spool, config.server.hostname, lambda: self._upstreams, self.metrics)
         self._deliveries = deliveries
-        self._spooler = Spooler(self._reactor, spool, config.spool.retry_initial, deliveries.kick)
+        self._spooler = Spooler(self._reactor, spool, config.spool.retry_initial, deliveries.taken)
 
     def healthy(self) -> bool:
         """Is the service running with every child service (each listener) running?"""
@@ -415,8 +415,9 @@ class RelayService(MultiService):
         self._throttle.update(new.limits)
         self._connections.update(new.limits)
         self._upstreams = shared[1]
-        if self._deliveries is not None:
+        if self._deliveries is not None and self._spooler is not None:
             self._deliveries.config = new.spool
+            self._spooler.retry_initial = new.spool.retry_initial
             if self.running and not self._deliveries.running:
                 self._deliveries.start()
         for listener, wanted in plan:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
@@ -76,10 +77,11 @@ class Deliveries:
         self._upstreams = upstreams
         self._metrics = metrics
         self._busy: set[str] = set()
-        self._loop = task.LoopingCall(self.kick)
+        self._due: deque[str] = deque()
+        """Due at the last read of queue/ (or taken since), not started yet: the next to start."""
+        self._loop = task.LoopingCall(self.scan)
         self._loop.clock = reactor
         self._scanning: defer.Deferred[None] | None = None
-        self._again = False
         self._stopped = False
         self.idle: defer.Deferred[None] | None = None
 
@@ -104,12 +106,16 @@ class Deliveries:
         self.idle = defer.Deferred()
         return self.idle
 
-    def kick(self) -> None:
-        """Read queue/ again now (once more after the read in progress, if one is)."""
-        if self._stopped:
-            return
-        if self._scanning is not None:
-            self._again = True
+    def taken(self, envelope: Envelope) -> None:
+        """A message just committed: tried at once if it is due (delivery = "spool"), without
+        reading queue/ again, which under load would cost a read of every envelope per message."""
+        if envelope.next_attempt <= self._reactor.seconds():
+            self._due.append(envelope.id)
+            self._fill()
+
+    def scan(self) -> None:
+        """Read queue/ (unless a read is in progress): what is due, the gauges, corrupt files."""
+        if self._stopped or self._scanning is not None:
             return
         self._scanning = defer.Deferred.fromCoroutine(self._scan())
         self._scanning.addErrback(lambda f: log.failure("spool scan failed", f))
@@ -126,12 +132,15 @@ class Deliveries:
         envelopes = listing.envelopes
         self._metrics.spool_state(len(envelopes), max((now - e.received for e in envelopes), default=0.0))
         due = sorted((e for e in envelopes if e.next_attempt <= now and e.id not in self._busy), key=lambda e: e.next_attempt)
-        for envelope in due[: max(0, self.config.max_deliveries - len(self._busy))]:
-            self._busy.add(envelope.id)
-            defer.Deferred.fromCoroutine(self._attempt(envelope.id))
-        if self._again:
-            self._again = False
-            self.kick()
+        self._due = deque(e.id for e in due)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._due and len(self._busy) < self.config.max_deliveries and not self._stopped:
+            spool_id = self._due.popleft()
+            if spool_id not in self._busy:
+                self._busy.add(spool_id)
+                defer.Deferred.fromCoroutine(self._attempt(spool_id))
 
     async def _attempt(self, spool_id: str) -> None:
         try:
@@ -148,7 +157,7 @@ class Deliveries:
                 idle, self.idle = self.idle, None
                 idle.callback(None)
             return
-        self.kick()
+        self._fill()
 
     async def _deliver(self, spool_id: str) -> None:
         text: IO[bytes] | None = await self._thread(self._spool.lock, spool_id)
@@ -282,6 +291,7 @@ class Deliveries:
             return
         log.info("spool notification", id=envelope.id, notification=notice.id, to=envelope.sender,
                  recipients=len(failures), expired=bool(expired))
+        self.taken(notice)
 
 
 async def _stream(reactor: Any, session: UpstreamSession, text: IO[bytes]) -> None:

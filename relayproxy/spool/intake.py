@@ -50,12 +50,12 @@ class Origin:
 class Spooler:
     """The spool as the relay sees it: an Upstream for each user whose delivery uses it."""
 
-    def __init__(self, reactor: Any, spool: Spool, retry_initial: float, delivered: Callable[[], None]) -> None:
+    def __init__(self, reactor: Any, spool: Spool, retry_initial: float, taken: Callable[[Envelope], None]) -> None:
         self.reactor = reactor
         self.spool = spool
         self.retry_initial = retry_initial
-        self.taken = delivered
-        """Called once a message is on disk: the deliveries look again."""
+        self.taken = taken
+        """Called with each message once it is on disk: the deliveries take it from there."""
 
     def intake(self, upstream: Upstream, origin: Origin, *, relay_first: bool) -> Upstream:
         return _Intake(self, upstream if relay_first else None, origin)
@@ -251,7 +251,7 @@ class IntakeSession:
                 "spooled", id=writer.id, session=origin.session, user=origin.user, upstream=origin.upstream,
                 rcpts=len(recipients), size=writer.size, message_id=envelope.message_id or "-", why=self._why or "-",
             )
-            self._spooler.taken()
+            self._spooler.taken(envelope)
         return refusal
 
     def abort(self) -> None:
