@@ -202,16 +202,16 @@ def test_a_corrupt_file_is_moved_aside_and_the_rest_delivered(
     smarthost.data_reply = "451 4.3.0 not yet"
     proxy = run(spool_config(tmp_path, pki, smarthost, "spool"), started)
     assert send(proxy, pki)[0] == 250
-    broken = tmp_path / "spool" / "queue" / "18a0b0c0d0e0f-0badf00d"
+    broken = tmp_path / "spool" / "queue" / "018a0b0c0d0e0f-0badf00d"
     broken.with_suffix(".msg").write_bytes(b"Subject: x\r\n\r\n")
     broken.with_suffix(".env").write_bytes(b"{not json")
     smarthost.data_reply = None
     wait_for(lambda: not list((tmp_path / "spool" / "queue").iterdir()))
     assert sorted(p.name for p in (tmp_path / "spool" / "corrupt").iterdir()) == [
-        "18a0b0c0d0e0f-0badf00d.env", "18a0b0c0d0e0f-0badf00d.msg", "18a0b0c0d0e0f-0badf00d.why",
+        "018a0b0c0d0e0f-0badf00d.env", "018a0b0c0d0e0f-0badf00d.msg", "018a0b0c0d0e0f-0badf00d.why",
     ]
     assert [m.content for m in smarthost.received] == [MESSAGE]
-    assert fields_of(events, "spool file corrupt")[0]["file"] == "18a0b0c0d0e0f-0badf00d.env"
+    assert fields_of(events, "spool file corrupt")[0]["file"] == "018a0b0c0d0e0f-0badf00d.env"
 
 
 def test_a_user_without_spool_delivery_is_relayed_as_before(tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy]) -> None:

@@ -34,15 +34,15 @@ from typing import IO, Any
 FORMAT = 1
 """The envelope file's format; a file of another format is moved to corrupt/."""
 
-_ID = re.compile(r"^[0-9a-f]{12,16}-[0-9a-f]{8}$")
+_ID = re.compile(r"^[0-9a-f]{14,16}-[0-9a-f]{8}$")
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """Errors that mean the disk (or the quota, or the file size limit) is full: 452 4.3.1, not 451 4.3.0."""
 
 
 def new_id(now: float) -> str:
-    """Sortable by arrival (microseconds, hex), unique by its random part."""
-    return f"{int(now * 1_000_000):x}-{secrets.token_hex(4)}"
+    """Sortable by arrival (microseconds, hex, padded to the year 4253), unique by its random part."""
+    return f"{int(now * 1_000_000):014x}-{secrets.token_hex(4)}"
 
 
 def valid_id(spool_id: str) -> bool:
