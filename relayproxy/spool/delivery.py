@@ -169,6 +169,12 @@ class Deliveries:
             if envelope.next_attempt > self._reactor.seconds() or not envelope.pending:
                 return
             upstream = self._upstreams().get(envelope.upstream)
+            # Before the message goes: should the process die after the upstream's 250 and before
+            # the file is removed, this line and the next attempt's show the Message-ID twice.
+            log.info(
+                "spool attempt", id=envelope.id, message_id=envelope.message_id or "-", upstream=envelope.upstream,
+                attempt=envelope.attempts + 1, rcpts=len(envelope.pending),
+            )
             attempt = Attempt()
             if upstream is None:
                 attempt.deferred += envelope.pending

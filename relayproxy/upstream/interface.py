@@ -11,8 +11,11 @@ verdict. How an upstream kind implements it:
   answers MAIL and RCPT itself (250: the API cannot check a recipient ahead) and answers DATA with
   354 only once it holds a valid token; ``body`` spools to a private temporary file (the pause
   producer is never paused); ``end`` makes the request and turns the API's answer into the verdict.
-- A spool: ``envelope`` answers 250 and 354 itself; ``body`` writes the spool file; ``end``
-  answers 250 once the file and its directory entry are on disk, 4xx if that fails.
+- The spool (relayproxy.spool.intake): ``envelope`` answers 250 and 354 itself; ``body`` writes the
+  spool file; ``end`` answers 250 once the file and its directory entry are on disk, 4xx if that
+  fails. For relay-then-spool it wraps the user's upstream session: the transaction goes there, the
+  body to both, and what the upstream defers with a 4xx (or cannot take at all) is kept on disk.
+  The spool's deliveries are clients of the same Upstream, with ``patient`` pacing.
 
 Failures never raise out of ``envelope`` or ``end``: the replies carry the 4xx the client gets, and
 ``failure`` says what happened for the log. ``acquire`` raises UpstreamError.
