@@ -416,3 +416,23 @@ def test_international_allowed_senders(config_dir: Path) -> None:
     assert alice.may_send("anna@xn--bcher-kva.example") and alice.may_send("j\u00f6rg@b\u00fccher.example")
     [line] = problems(config_dir, edited('"@Team.Example.com"', '"@b\u00fc_cher.example"'))
     assert ': users.alice.allowed_senders: "@b\\u00fc_cher.example": the domain is not a valid internationalised domain name (IDNA)' in line
+
+
+def test_spool_directory_defaults_to_systemds_state_directory(config_dir: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = load(config_dir, VALID + '\n[users.spooler]\ndelivery = "spool"\n', {"OTHER_PASSWORD": "other-pw", "STATE_DIRECTORY": str(state)})
+    assert config.spool.directory == state / "spool" and config.user("spooler").delivery == "spool"
+    assert (state / "spool").is_dir() and (state / "spool").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_spool_directory_that_cannot_be_made_is_a_problem_naming_the_key(config_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    found = problems(config_dir, VALID + f'\n[users.spooler]\ndelivery = "relay-then-spool"\n\n[spool]\ndirectory = "{blocker}/spool"\n')
+    assert len(found) == 1 and "spool.directory: " in found[0] and "cannot be created" in found[0] and "mode 0700" in found[0]
+
+
+def test_spool_keys_are_checked(config_dir: Path) -> None:
+    found = problems(config_dir, VALID + '\n[users.spooler]\ndelivery = "later"\n\n[spool]\nretry_initial = 600\nretry_max = 60\n')
+    assert any("users.spooler.delivery: " in line and "relay-then-spool" in line for line in found)
+    assert any("spool.retry_max: 60 is less than retry_initial (600)" in line for line in found)
