@@ -1,7 +1,8 @@
 # relayproxy in a container. Build: docker build -t relayproxy .
 # Run:   docker run -v /etc/relayproxy:/etc/relayproxy:ro -p 587:587 -p 465:465 relayproxy
 # The config, users file, TLS certificate and upstream secrets come from the mounted /etc/relayproxy;
-# refresh tokens that providers rotate need a writable volume: -v relayproxy-state:/var/lib/relayproxy
+# refresh tokens that providers rotate, and the spool (delivery = "spool" or "relay-then-spool",
+# /var/lib/relayproxy/spool by default), need a writable volume: -v relayproxy-state:/var/lib/relayproxy
 FROM python:3.11-slim
 
 RUN useradd --system --no-create-home --home-dir /var/lib/relayproxy relayproxy \
