@@ -229,3 +229,10 @@ def test_what_cannot_be_written_as_given_is_refused(changes: dict[str, Any]) -> 
 def test_a_failure_has_a_failure_status(status: str) -> None:
     with pytest.raises(ValueError):
         Failure("bob@example.net", status, None, None)
+
+
+def test_an_upstream_that_sends_only_as_its_mailbox_gets_that_as_the_author() -> None:
+    message = parse(compose(author="Mail Delivery System <alerts@example.org>"))
+    assert message["From"] == "Mail Delivery System <alerts@example.org>"
+    with pytest.raises(ValueError):
+        compose(author="two\r\nlines")

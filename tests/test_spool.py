@@ -244,3 +244,22 @@ def test_graph_through_the_spool_honours_retry_after(make_proxy: Any, graph: Any
     [delivery] = graph.deliveries
     assert delivery.recipients == ["alice@example.net"] and delivery.raw is not None and delivery.raw.endswith(b"disk full\r\n")
     wait_for(lambda: not list((spool / "queue").iterdir()))
+
+
+def test_a_graph_refusal_is_notified_as_the_mailbox(make_proxy: Any, graph: Any, tmp_path: Path, pki: PKI) -> None:
+    from graph_standin import invalid_recipients
+
+    graph.script("sendMail", invalid_recipients())
+    spool = tmp_path / "graph-spool"
+    route = f'[users.app1]\nupstream = "m365"\ndelivery = "spool"\n\n[spool]\ndirectory = "{spool}"\n{FAST}'
+    proxy = make_proxy(graph.upstream_toml(tmp_path), extra=route)
+    with login(proxy.port, pki) as smtp:
+        smtp.mail("alerts@example.org")
+        smtp.rcpt("nobody@example.net")
+        assert smtp.data(b"From: alerts@example.org\r\nSubject: alert\r\n\r\ndisk full\r\n")[0] == 250
+    wait_for(lambda: bool(graph.deliveries), timeout=15)
+    [notice] = graph.deliveries
+    assert notice.recipients == ["alerts@example.org"]
+    assert notice.message is not None and notice.message["From"] == "Mail Delivery System <alerts@example.org>"
+    assert notice.message.get_content_type() == "multipart/report"
+    assert [p.name for p in (spool / "failed").glob("*.env")]

@@ -273,6 +273,7 @@ class Deliveries:
         message = dsn.notification(
             reporting_host=self._hostname, sender=envelope.sender, spool_id=envelope.id, arrival=envelope.received, now=now,
             failures=failures, expired=bool(expired), original_header=header, smtputf8=envelope.smtputf8,
+            author=_author(upstream),
         )
         wire = stuffed(message)
         notice = Envelope(
@@ -349,6 +350,17 @@ def stuffed(message: bytes) -> bytes:
 def _status(reply: str, default: str) -> str:
     found = _ENHANCED.match(reply)
     return found.group(1) if found else default
+
+
+def _author(upstream: Upstream | None) -> str | None:
+    """The notification's From where the provider sends only as its account: Graph as the mailbox,
+    an SMTP upstream with header_from as that."""
+    config = getattr(upstream, "config", None)
+    if not isinstance(config, UpstreamConfig):
+        return None
+    if config.kind == "graph":
+        return f"Mail Delivery System <{config.username}>" if config.username else None
+    return config.header_from
 
 
 def _remote(upstream: Upstream | None) -> str | None:

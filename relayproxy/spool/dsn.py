@@ -61,6 +61,7 @@ def notification(
     expired: bool,
     original_header: bytes,
     smtputf8: bool = False,
+    author: str | None = None,
 ) -> bytes:
     """The notification to ``sender`` that ``failures`` were not delivered.
 
@@ -68,6 +69,8 @@ def notification(
     (5.x.x). ``original_header`` is the message's header block, which the caller may have cut
     short. ``smtputf8``: the message came with SMTPUTF8, so its addresses and header may be UTF-8.
     ``spool_id`` must be a dot-atom (letters, digits, ``!#$%&'*+-/=?^_`{|}~`` and inner dots).
+    ``author`` is the From field's value when the upstream sends only as its own mailbox (its
+    header_from, or a Graph mailbox); else the mail system's MAILER-DAEMON address.
     Raises ValueError for a value that cannot be put in the notification as given.
     """
     if not failures:
@@ -83,6 +86,8 @@ def notification(
         # A temporary failure is retried, not reported, until the message expires.
         raise ValueError("a failure with a 4.x.x status is only reported once the message expired")
     _check_address(sender, smtputf8)
+    if author is not None and not (author.isascii() and author.isprintable()):
+        raise ValueError("the author must be one line of printable ASCII")
     for failure in failures:
         _check_address(failure.recipient, smtputf8)
     failures = [replace(f, diagnostic=_shown(f.diagnostic), remote=_shown(f.remote)) for f in failures]
@@ -102,7 +107,7 @@ def notification(
     boundary = _boundary(b"".join(body for _, _, body in parts))
     eight_bit = not all(body.isascii() for _, _, body in parts)
     fields = [
-        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_host}>",
+        f"From: {author}" if author is not None else f"From: Mail Delivery System <MAILER-DAEMON@{reporting_host}>",
         f"To: <{sender}>",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {_date(now)}",
