@@ -263,3 +263,26 @@ def test_a_graph_refusal_is_notified_as_the_mailbox(make_proxy: Any, graph: Any,
     assert notice.message is not None and notice.message["From"] == "Mail Delivery System <alerts@example.org>"
     assert notice.message.get_content_type() == "multipart/report"
     assert [p.name for p in (spool / "failed").glob("*.env")]
+
+
+def test_memory_does_not_grow_with_the_message(
+    tmp_path: Path, pki: PKI, smarthost: Smarthost, started: list[Proxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayproxy.spool import intake
+
+    writes: list[int] = []
+    real_write = intake._Writer._write_chunk
+
+    def write_chunk(self: Any, chunk: bytes) -> None:
+        writes.append(len(chunk))
+        real_write(self, chunk)
+
+    monkeypatch.setattr(intake._Writer, "_write_chunk", write_chunk)
+    proxy = run(spool_config(tmp_path, pki, smarthost, "spool"), started)
+    big = b"Subject: big scan\r\n\r\n" + (b"z" * 76 + b"\r\n") * 400_000
+    assert send(proxy, pki, message=big)[0] == 250
+    wait_for(lambda: bool(smarthost.received), timeout=30)
+    assert smarthost.received[0].content == big
+    # 31 MB went to disk in pieces of at most a little over what the client may have in flight
+    # while it is paused.
+    assert sum(writes) >= len(big) and max(writes) <= 2 * intake._AHEAD
