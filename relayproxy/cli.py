@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from relayproxy.config import DEFAULT_PATH, load_config
+from relayproxy.config import DEFAULT_PATH, Config, load_config
 from relayproxy.usersfile import (
     DEFAULT_ROUNDS,
     UsersFileError,
@@ -85,11 +85,8 @@ def _queue(args: argparse.Namespace) -> int:
     from relayproxy import queue
     from relayproxy.spool.store import Spool
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"relayproxy: {problem}", file=sys.stderr)
+    config = _loaded(args.config)
+    if config is None:
         return 2
     assert config.spool.directory is not None
     spool = Spool(config.spool.directory)
@@ -123,11 +120,8 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _check(args: argparse.Namespace) -> int:
     from relayproxy.check import check_users, summary
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"relayproxy: {problem}", file=sys.stderr)
+    config = _loaded(args.config)
+    if config is None:
         return 2
     check_users(config, print)
     if args.offline:
@@ -148,6 +142,16 @@ def _check(args: argparse.Namespace) -> int:
     except SystemExit:
         pass
     return 1 if not failed or failed[0] else 0
+
+
+def _loaded(path: Path) -> Config | None:
+    """The configuration, or None once each problem is printed (the caller exits with status 2)."""
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"relayproxy: {problem}", file=sys.stderr)
+        return None
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

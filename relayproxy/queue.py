@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import IO
 
 from relayproxy.smtp.headers import header_block
-from relayproxy.spool.store import Spool
+from relayproxy.spool.store import Envelope, Spool
 
 Print = Callable[[str], None]
 
@@ -72,37 +74,40 @@ def show(spool: Spool, spool_id: str, out: Print) -> int:
     return 0
 
 
-def retry(spool: Spool, spool_id: str, out: Print, now: float | None = None) -> int:
-    now = time.time() if now is None else now
+def _held(spool: Spool, spool_id: str, out: Print) -> tuple[Path, Envelope, IO[bytes]] | None:
+    """The message's folder, envelope and locked file; None (said why) if it is unknown or busy."""
     try:
-        folder, _ = spool.find(spool_id)
+        folder, envelope = spool.find(spool_id)
     except FileNotFoundError:
         out(f"relayproxy: no message {spool_id} in {spool.queue} or {spool.failed}")
-        return 1
+        return None
     text = spool.lock(spool_id, folder)
     if text is None:
         out(f"relayproxy: {spool_id} is being delivered right now (or was just removed); try again in a moment")
+        return None
+    return folder, envelope, text
+
+
+def retry(spool: Spool, spool_id: str, out: Print, now: float | None = None) -> int:
+    held = _held(spool, spool_id, out)
+    if held is None:
         return 1
+    folder, envelope, text = held
     with text:
         if folder == spool.failed:
-            spool.restore(spool_id, now)
+            spool.restore(spool_id, time.time() if now is None else now)
             out(f"{spool_id}: back from {spool.failed} to {spool.queue}, to be tried again at once")
         else:
-            spool.update(spool.envelope(spool_id).retried(now))
+            spool.update(envelope.retried(time.time() if now is None else now))
             out(f"{spool_id}: to be tried again at once")
     return 0
 
 
 def delete(spool: Spool, spool_id: str, out: Print) -> int:
-    try:
-        folder, envelope = spool.find(spool_id)
-    except FileNotFoundError:
-        out(f"relayproxy: no message {spool_id} in {spool.queue} or {spool.failed}")
+    held = _held(spool, spool_id, out)
+    if held is None:
         return 1
-    text = spool.lock(spool_id, folder)
-    if text is None:
-        out(f"relayproxy: {spool_id} is being delivered right now (or was just removed); try again in a moment")
-        return 1
+    folder, envelope, text = held
     with text:
         spool.remove(spool_id, folder)
     out(f"{spool_id}: deleted (from <{envelope.sender}>, {len(envelope.pending)} recipient(s) not delivered; nobody is told)")
