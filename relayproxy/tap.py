@@ -349,6 +349,8 @@ class RelayService(MultiService):
         return defer.gatherResults([defer.maybeDeferred(lambda: stopped), drained, spooling]).addBoth(done)
 
     def _force_close(self) -> None:
+        if self._deliveries is not None:
+            self._deliveries.force_stop()
         for factory in self._factories():
             for session in list(factory.sessions):
                 session.force_close()

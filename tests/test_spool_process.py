@@ -71,7 +71,14 @@ class Relay:
             self.proc = None
 
     def queued(self, folder: str = "queue") -> list[dict[str, object]]:
-        return [json.loads(p.read_bytes()) for p in sorted((self.spool / folder).glob("*.env"))]
+        """The envelopes in the folder now (one delivered while they are read is left out)."""
+        found = []
+        for path in sorted((self.spool / folder).glob("*.env")):
+            try:
+                found.append(json.loads(path.read_bytes()))
+            except FileNotFoundError:
+                pass
+        return found
 
     def queue(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

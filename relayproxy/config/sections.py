@@ -301,6 +301,16 @@ class UpstreamConfig:
         default=None, low=1, high=10**9, fix="write a number of messages such as 10, or remove the key for no limit"
     )
     """Messages one session carries before the proxy ends it with QUIT and opens a new one; None: no limit."""
+    max_sessions: int | None = setting(
+        default=None, low=1, high=10**6, fix="write a number of sessions such as 3, or remove the key for no limit"
+    )
+    """Sessions open to the provider at once (SMTP: connections, kept ones included; Graph: requests); None: no limit."""
+    max_messages_per_minute: int | None = setting(
+        default=None, low=1, high=10**9, fix="write a number of messages such as 30, or remove the key for no limit"
+    )
+    """Transactions begun in any 60 seconds, at most; None: no limit."""
+    pacing_timeout: float = setting(default=30.0)
+    """How long a client waits for a session or a message slot before 451 4.7.0 (spool deliveries wait on)."""
     kind: UpstreamKind = setting(default="smtp")
     """How mail goes on: an SMTP smarthost, or Microsoft Graph's sendMail for the mailbox ``username``."""
     graph_url: str = setting(

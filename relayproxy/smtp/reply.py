@@ -283,6 +283,16 @@ class Catalogue:
         return composed(250, "2.0.0", f"Ok: queued as {_shown(spool_id)} (spooled)")
 
     @staticmethod
+    def upstream_busy(name: str) -> Reply:
+        """Every session max_sessions allows was busy for pacing_timeout."""
+        return composed(451, "4.7.0", f"Upstream {name} is at its max_sessions, try again later")
+
+    @staticmethod
+    def upstream_rate(name: str) -> Reply:
+        """max_messages_per_minute were begun in the last minute, for all of pacing_timeout."""
+        return composed(451, "4.7.0", f"Upstream {name} is at its max_messages_per_minute, try again later")
+
+    @staticmethod
     def upstream_no_smtputf8(name: str) -> Reply:
         """MAIL with SMTPUTF8 for an upstream that does not offer it: never sent there (RFC 6531 3.2)."""
         return composed(553, "5.6.7", f"Upstream {name} does not support international addresses (SMTPUTF8)")

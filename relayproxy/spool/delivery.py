@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relayproxy.config import SpoolConfig, UpstreamConfig
@@ -76,7 +77,10 @@ class Deliveries:
         self._hostname = hostname
         self._upstreams = upstreams
         self._metrics = metrics
-        self._busy: set[str] = set()
+        self._busy: dict[str, defer.Deferred[None]] = {}
+        """Attempts in progress by message id."""
+        self._sending: set[str] = set()
+        """Those whose body is on its way: a shutdown lets them finish (within shutdown_grace)."""
         self._due: deque[str] = deque()
         """Due at the last read of queue/ (or taken since), not started yet: the next to start."""
         self._loop = task.LoopingCall(self.scan)
@@ -97,14 +101,23 @@ class Deliveries:
         self._loop.start(self.config.scan_interval, now=True)
 
     def stop(self) -> defer.Deferred[None]:
-        """No new attempt; fires once those in progress are over."""
+        """No new attempt; those still waiting for a session or their turn stop (the message is
+        tried again after the restart); fires once those sending are over too."""
         self._stopped = True
         if self._loop.running:
             self._loop.stop()
+        for spool_id, attempt in list(self._busy.items()):
+            if spool_id not in self._sending:
+                attempt.cancel()
         if not self._busy:
             return defer.succeed(None)
         self.idle = defer.Deferred()
         return self.idle
+
+    def force_stop(self) -> None:
+        """shutdown_grace is over: what is still sending is cut off, never with a final dot after this."""
+        for attempt in list(self._busy.values()):
+            attempt.cancel()
 
     def taken(self, envelope: Envelope) -> None:
         """A message just committed: tried at once if it is due (delivery = "spool"), without
@@ -139,19 +152,21 @@ class Deliveries:
         while self._due and len(self._busy) < self.config.max_deliveries and not self._stopped:
             spool_id = self._due.popleft()
             if spool_id not in self._busy:
-                self._busy.add(spool_id)
-                defer.Deferred.fromCoroutine(self._attempt(spool_id))
+                attempt = defer.Deferred.fromCoroutine(self._deliver(spool_id))
+                if not attempt.called:
+                    self._busy[spool_id] = attempt
+                attempt.addErrback(self._failed, spool_id)
+                attempt.addBoth(self._done, spool_id)
 
-    async def _attempt(self, spool_id: str) -> None:
-        try:
-            await self._deliver(spool_id)
-        except Exception:
-            log.failure("spool delivery failed", id=spool_id)
-        finally:
-            self._done(spool_id)
+    def _failed(self, failure: Failure, spool_id: str) -> None:
+        if isinstance(failure.value, defer.CancelledError):
+            log.info("spool attempt stopped for the shutdown", id=spool_id)
+        else:
+            log.failure("spool delivery failed", failure, id=spool_id)
 
-    def _done(self, spool_id: str) -> None:
-        self._busy.discard(spool_id)
+    def _done(self, _: object, spool_id: str) -> None:
+        self._busy.pop(spool_id, None)
+        self._sending.discard(spool_id)
         if self._stopped:
             if not self._busy and self.idle is not None:
                 idle, self.idle = self.idle, None
@@ -190,7 +205,7 @@ class Deliveries:
         client = object()
         try:
             # Patient: a spool delivery waits for the upstream's pacing however long it takes.
-            session = await upstream.acquire(client)
+            session = await upstream.acquire(client, patient=True)
         except UpstreamError as e:
             attempt.verdict(pending, e.reply, e.detail)
             return
@@ -213,6 +228,7 @@ class Deliveries:
             if replies[-1].code != 354:
                 attempt.verdict(accepted, replies[-1], failure)
                 return
+            self._sending.add(envelope.id)
             await _stream(self._reactor, session, text)
             verdict = await session.end(b"")
             attempt.verdict(accepted, verdict, session.failure.detail if session.failure is not None else None)

@@ -67,7 +67,7 @@ class _Intake:
         self._upstream = upstream
         self._origin = origin
 
-    async def acquire(self, client: object) -> IntakeSession:
+    async def acquire(self, client: object, *, patient: bool = False) -> IntakeSession:
         relay: UpstreamSession | None = None
         why = None
         if self._upstream is not None:

@@ -66,6 +66,10 @@ class Connection:
         if self.usable:
             self.protocol.write(b"QUIT\r\n")
             self.protocol.transport.loseConnection()  # type: ignore[union-attr]
+        else:
+            # Connected but of no use (an unasked reply came): closed all the same, or it would
+            # hold its socket and its pacing slot until the upstream hangs up.
+            self.protocol.abort()
         self.broken = True
 
     def tls_description(self) -> str:

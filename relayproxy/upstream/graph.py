@@ -44,6 +44,7 @@ from relayproxy.logs import EventLog
 from relayproxy.oauth import TokenError, TokenSource
 from relayproxy.smtp.envelope import Data, EnvelopeCommand, Mail, Rcpt
 from relayproxy.smtp.reply import Catalogue, Reply
+from relayproxy.upstream.pacing import Pacer, Paced
 
 log = EventLog("relayproxy.upstream")
 
@@ -397,9 +398,16 @@ class GraphUpstream:
         pool.maxPersistentPerHost = 4
         self.http = https.client(reactor, config.ca_file, pool=pool)
         self.mailbox_url = f"{config.graph_url.rstrip('/')}/users/{config.username}"
+        # A session is one client's transaction, whose requests run one after another: max_sessions
+        # bounds the requests in flight for the mailbox.
+        self.pacer = Pacer(reactor, config.name, config.max_sessions, config.max_messages_per_minute, config.pacing_timeout)
 
-    async def acquire(self, client: object) -> GraphSession:
-        return GraphSession(self)
+    async def acquire(self, client: object, *, patient: bool = False) -> GraphSession:
+        woken = False
+        while not self.pacer.take_session(woken):
+            await self.pacer.wait_session(patient)
+            woken = True
+        return GraphSession(self, patient)
 
     def departed(self, client: object) -> None:
         pass
@@ -409,8 +417,10 @@ class GraphUpstream:
 
 
 class GraphSession:
-    def __init__(self, upstream: GraphUpstream) -> None:
+    def __init__(self, upstream: GraphUpstream, patient: bool = False) -> None:
         self._upstream = upstream
+        self._patient = patient
+        self._holds_slot = True
         self._recipients: list[str] = []
         self._spool: _Spool | None = None
         self._unstuffer = Unstuffer()
@@ -426,6 +436,11 @@ class GraphSession:
             # DATA must not get a 354 for a transaction that does not exist.
             refusal = Catalogue.graph_no_smtputf8(self._upstream.config.name)
             return [refusal] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
+        if isinstance(first, Mail):
+            try:
+                await self._upstream.pacer.message(self._patient)
+            except Paced as e:
+                return [e.reply] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
         replies = []
         for command in commands:
             if isinstance(command, Mail):
@@ -616,6 +631,9 @@ class GraphSession:
         if self._spool is not None:
             self._spool.discard()
             self._spool = None
+        if self._holds_slot:
+            self._holds_slot = False
+            self._upstream.pacer.session_ended()
 
     def release(self) -> None:
         self.abort()

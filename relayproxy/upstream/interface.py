@@ -62,8 +62,12 @@ class UpstreamSession(Protocol):
 class Upstream(Protocol):
     """One configured upstream account; hands out sessions."""
 
-    async def acquire(self, client: object) -> UpstreamSession:
-        """A session for ``client`` (a kept one if there is one); raises UpstreamError."""
+    async def acquire(self, client: object, *, patient: bool = False) -> UpstreamSession:
+        """A session for ``client`` (a kept one if there is one); raises UpstreamError.
+
+        Under the upstream's pacing (max_sessions, max_messages_per_minute) an impatient client (a
+        pass-through one) waits at most pacing_timeout, for a session here and for a message slot
+        at each MAIL, then gets 451 4.7.0; a patient one (a spool delivery) waits its turn."""
 
     def departed(self, client: object) -> None:
         """``client`` disconnected: nothing is kept for it any more."""

@@ -7,7 +7,7 @@ before a STARTTLS handshake and puts the AUTH PLAIN payload in error texts (see 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -50,6 +50,8 @@ class UpstreamProtocol(Protocol):
         self._error: Exception | None = None
         self._reply_timeout = Deadline(clock, self._timed_out)
         self.connected = False
+        self.on_lost: Callable[[], None] | None = None
+        """Called once when the connection is gone (the upstream's pacing counts its sessions)."""
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -88,6 +90,9 @@ class UpstreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # type: ignore[no-untyped-call]
         self.connected = False
         self._fail(Lost(reason))
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
 
     @property
     def usable(self) -> bool:

@@ -17,6 +17,7 @@ from relayproxy.smtp.envelope import Data, EnvelopeCommand, Mail, Rcpt
 from relayproxy.smtp.reply import Catalogue, Reply
 from relayproxy.upstream.connector import Connection, Connector
 from relayproxy.upstream.failures import exchange_failed
+from relayproxy.upstream.pacing import Pacer, Paced
 from relayproxy.upstream.pool import Pool
 from relayproxy.upstream.protocol import EXCHANGE_FAILURES
 
@@ -33,13 +34,36 @@ class SMTPUpstream:
         self.config = config
         self.connector = Connector(reactor, config, local_hostname, metrics, endpoint)
         self.pool = Pool(reactor, config)
+        self.pacer = Pacer(reactor, config.name, config.max_sessions, config.max_messages_per_minute, config.pacing_timeout)
 
-    async def acquire(self, client: object) -> SMTPSession:
-        connection = self.pool.take(client)
-        if connection is None:
+    async def acquire(self, client: object, *, patient: bool = False) -> SMTPSession:
+        woken = False
+        while True:
+            # A kept connection first: under max_sessions it is one the provider already counts.
+            connection = self.pool.take(client)
+            if connection is not None:
+                return SMTPSession(self, connection, patient)
+            if self.pacer.take_session(woken):
+                break
+            await self.pacer.wait_session(patient)
+            woken = True
+        try:
             connection = await self.connector.open()
-            connection.client = client
-        return SMTPSession(self, connection)
+        except BaseException:
+            self.pacer.session_ended()
+            raise
+        self.counted(connection)
+        connection.client = client
+        return SMTPSession(self, connection, patient)
+
+    def counted(self, connection: Connection) -> None:
+        """``connection`` holds a session slot until it is gone."""
+        connection.protocol.on_lost = self.pacer.session_ended
+
+    def returned(self, connection: Connection) -> None:
+        self.pool.put(connection)
+        # Kept, or closed: either way the first in line for a session may go on.
+        self.pacer.session_free()
 
     def departed(self, client: object) -> None:
         self.pool.departed(client)
@@ -70,9 +94,10 @@ def _moot(failure: Failure) -> None:
 
 
 class SMTPSession:
-    def __init__(self, upstream: SMTPUpstream, connection: Connection) -> None:
+    def __init__(self, upstream: SMTPUpstream, connection: Connection, patient: bool = False) -> None:
         self._upstream = upstream
         self._connection = connection
+        self._patient = patient
         self._in_body = False
         self._accepted = 0
         """Recipients the upstream accepted in the transaction in progress."""
@@ -89,13 +114,18 @@ class SMTPSession:
             # one retry on a fresh connection is safe.
             detail = self.failure.detail if self.failure is not None else str(replies[0])
             log.info("kept upstream session failed, reconnecting", upstream=connection.config.name, detail=detail)
+            # The new connection takes over the old one's session slot.
+            on_lost, connection.protocol.on_lost = connection.protocol.on_lost, None
             connection.abort()
             self.failure = None
             try:
                 self._connection = await self._upstream.connector.open()
             except UpstreamError as e:
+                if on_lost is not None:
+                    on_lost()
                 self.failure = e
                 return [e.reply] * len(commands)
+            self._connection.protocol.on_lost = on_lost
             self._connection.client = connection.client
             replies = await self._exchange(commands)
         return replies
@@ -110,6 +140,14 @@ class SMTPSession:
             if commands[0].smtputf8 and not connection.supports("SMTPUTF8"):
                 # RFC 6531 3.2: no downgrade; UTF-8 addresses or header fields would be refused or mangled there.
                 return [Catalogue.upstream_no_smtputf8(connection.config.name)] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
+            try:
+                await self._upstream.pacer.message(self._patient)
+            except Paced as e:
+                return [e.reply] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
+            if not connection.usable:
+                # It went while the transaction waited its turn: the retry on a fresh one follows.
+                self._fail(UpstreamError(Catalogue.UPSTREAM_LOST, f"upstream {connection.config.name}: closed while paced", step="MAIL"))
+                return [Catalogue.UPSTREAM_LOST] * len(commands)
             connection.used = True
             self._accepted = 0
         lines = [_command(connection, command) for command in commands]
@@ -214,4 +252,4 @@ class SMTPSession:
             connection.in_transaction = False
             (waiter,) = connection.protocol.send([("RSET", b"RSET")], connection.config.reply_timeout)
             connection.reset_reply = waiter.addErrback(_moot)
-        self._upstream.pool.put(connection)
+        self._upstream.returned(connection)
