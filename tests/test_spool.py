@@ -280,7 +280,7 @@ def test_memory_does_not_grow_with_the_message(
     assert smarthost.received[0].content == big
     # 31 MB went to disk in pieces of at most a little over what the client may have in flight
     # while it is paused.
-    assert sum(writes) >= len(big) and max(writes) <= 2 * intake._AHEAD
+    assert sum(writes) >= len(big) and max(writes) <= 3 * intake._AHEAD
 
 
 def test_pacing_spools_what_a_relay_then_spool_client_would_wait_for_and_spool_deliveries_wait(

@@ -175,12 +175,11 @@ class Deliveries:
         self._fill()
 
     async def _deliver(self, spool_id: str) -> None:
-        text: IO[bytes] | None = await self._thread(self._spool.lock, spool_id)
-        if text is None:
+        taken: tuple[IO[bytes], Envelope] | None = await self._thread(self._spool.take, spool_id)
+        if taken is None:
             return  # delivered, deleted, or held by `relayproxy queue` right now
+        text, envelope = taken
         try:
-            # Read again under the lock: `relayproxy queue` may have changed it since the scan.
-            envelope = await self._thread(self._spool.envelope, spool_id)
             if envelope.next_attempt > self._reactor.seconds() or not envelope.pending:
                 return
             upstream = self._upstreams().get(envelope.upstream)
@@ -324,9 +323,10 @@ async def _stream(reactor: Any, session: UpstreamSession, text: IO[bytes]) -> No
     text.seek(0)
     while not reader.stopped:
         chunk: bytes = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), text.read, _CHUNK)
-        if not chunk:
-            return
-        session.body(chunk)
+        if chunk:
+            session.body(chunk)
+        if len(chunk) < _CHUNK:
+            return  # a regular file reads short only at its end
         if reader.paused:
             await reader.resumed()
 

@@ -30,7 +30,8 @@ from relayproxy.upstream.interface import Upstream, UpstreamSession
 log = EventLog("relayproxy.spool")
 
 _AHEAD = 256 * 1024
-"""Octets waiting for the disk before the client is paused."""
+"""Octets held before they go to the disk (a small message goes in one write, with its commit);
+twice this waiting pauses the client."""
 _PEEK = 64 * 1024
 """Octets of the message's start kept to find its Message-ID."""
 
@@ -302,9 +303,11 @@ class _Writer:
             self.start += data[: _PEEK - len(self.start)]
         self._pending.append(data)
         self._held += len(data)
+        if self._held < _AHEAD:
+            return
         if self._writing is None:
             self._flush()
-        elif self._held > _AHEAD:
+        elif self._held >= 2 * _AHEAD:
             self._pause(True)
 
     def stream_from(self, producer: IPushProducer | None) -> None:
@@ -332,9 +335,9 @@ class _Writer:
         if self._discarded:
             self._thread(self._spool.discard, self.id, self._file)
             return
-        if self._pending:
+        if self._held >= _AHEAD:
             self._flush()
-        if self._held <= _AHEAD:
+        if self._held < 2 * _AHEAD:
             self._pause(False)
 
     def _failed(self, failure: Failure) -> None:

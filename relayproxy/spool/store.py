@@ -244,6 +244,18 @@ class Spool:
             return None
         return text
 
+    def take(self, spool_id: str) -> tuple[IO[bytes], Envelope] | None:
+        """For a delivery: the message locked, and its envelope read again under the lock (``relayproxy
+        queue`` may have changed it since the last scan); None if it is gone or held."""
+        text = self.lock(spool_id)
+        if text is None:
+            return None
+        try:
+            return text, self.envelope(spool_id)
+        except BaseException:
+            text.close()
+            raise
+
     def update(self, envelope: Envelope, folder: Path | None = None) -> None:
         """Rewrite the envelope (delivery state) atomically, under the message's lock."""
         target = (folder or self.queue) / f"{envelope.id}.env"
