@@ -285,11 +285,17 @@ class Deliveries:
             return text.read(_HEADER)
 
         header = header_block(await self._thread(start)) or b""
-        message = dsn.notification(
-            reporting_host=self._hostname, sender=envelope.sender, spool_id=envelope.id, arrival=envelope.received, now=now,
-            failures=failures, expired=bool(expired), original_header=header, smtputf8=envelope.smtputf8,
-            author=_author(upstream),
-        )
+        try:
+            message = dsn.notification(
+                reporting_host=self._hostname, sender=envelope.sender, spool_id=envelope.id, arrival=envelope.received, now=now,
+                failures=failures, expired=bool(expired), original_header=header, smtputf8=envelope.smtputf8,
+                author=_author(upstream),
+            )
+        except ValueError as e:
+            # Nothing that can be put in a notification (a sender it cannot be sent to): the message
+            # still goes to failed/, and the log says why nobody was told.
+            log.error("spool notification not possible", id=envelope.id, to=envelope.sender, reason=str(e))
+            return
         wire = stuffed(message)
         notice = Envelope(
             id=new_id(now), user=envelope.user, upstream=envelope.upstream, sender="", recipients=(envelope.sender,),
