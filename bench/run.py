@@ -257,6 +257,8 @@ def proxy_config(env: Env, port: int, users_file: Path, upstream_port: int | Non
         [limits]
         max_connections = 5000
         max_connections_per_ip = 5000
+        # The hold scenario has 2,000 sessions waiting for bcrypt at once: not the default 200.
+        max_unauthenticated = 4999
         """) + extra)
     return path
 
@@ -1126,7 +1128,7 @@ def report(env: Env, scenarios: dict[str, Scenario], targets: list[Target], star
         "- Proxy: `twistd -n --pidfile= relayproxy --config CONFIG` from this checkout (PYTHONPATH), loopback plaintext "
         "listener, upstream 127.0.0.1 `tls = \"none\"`, one user with bcrypt cost "
         f"{env.bcrypt_cost}{'' if env.bcrypt_cost == 12 else ' (NOT the production cost 12)'}, [limits] max_connections and "
-        "max_connections_per_ip 5000; a fresh process per round, so peak RSS (VmHWM) and CPU (utime+stime) are per round.",
+        "max_connections_per_ip 5000, max_unauthenticated 4999; a fresh process per round, so peak RSS (VmHWM) and CPU (utime+stime) are per round.",
         f"- Peers: aiosmtpd Proxy handler with AUTH (bench/peer_aiosmtpd.py, bcrypt users file, a verified login "
         f"remembered for 300 s): {'measured' if env.aiosmtpd else 'not measured'}; "
         + (f"Postfix {env.postfix_version} smtpd with Cyrus SASL (sasldb) relaying to the sink via relayhost "

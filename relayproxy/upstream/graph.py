@@ -436,7 +436,7 @@ class GraphSession:
             # DATA must not get a 354 for a transaction that does not exist.
             refusal = Catalogue.graph_no_smtputf8(self._upstream.config.name)
             return [refusal] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
-        if isinstance(first, Mail):
+        if isinstance(first, Mail) and self._upstream.pacer.max_per_minute is not None:
             try:
                 await self._upstream.pacer.message(self._patient)
             except Paced as e:

@@ -122,9 +122,9 @@ class Pacer:
     # -- messages -------------------------------------------------------------------------------
 
     async def message(self, patient: bool) -> None:
-        """A transaction may begin now; waits for room in the minute; raises Paced."""
-        if self.max_per_minute is None:
-            return
+        """A transaction may begin now; waits for room in the minute; raises Paced. Only for a
+        pacer with max_per_minute (callers skip the call, and its coroutine, without one)."""
+        assert self.max_per_minute is not None
         if not len(self._message_line) and self._room():
             self._started.append(self._clock.seconds())
             return

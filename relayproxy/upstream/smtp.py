@@ -52,13 +52,10 @@ class SMTPUpstream:
         except BaseException:
             self.pacer.session_ended()
             raise
-        self.counted(connection)
+        # It holds its session slot until it is gone.
+        connection.protocol.on_lost = self.pacer.session_ended
         connection.client = client
         return SMTPSession(self, connection, patient)
-
-    def counted(self, connection: Connection) -> None:
-        """``connection`` holds a session slot until it is gone."""
-        connection.protocol.on_lost = self.pacer.session_ended
 
     def returned(self, connection: Connection) -> None:
         self.pool.put(connection)
@@ -140,10 +137,12 @@ class SMTPSession:
             if commands[0].smtputf8 and not connection.supports("SMTPUTF8"):
                 # RFC 6531 3.2: no downgrade; UTF-8 addresses or header fields would be refused or mangled there.
                 return [Catalogue.upstream_no_smtputf8(connection.config.name)] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
-            try:
-                await self._upstream.pacer.message(self._patient)
-            except Paced as e:
-                return [e.reply] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
+            pacer = self._upstream.pacer
+            if pacer.max_per_minute is not None:
+                try:
+                    await pacer.message(self._patient)
+                except Paced as e:
+                    return [e.reply] + [Catalogue.MAIL_FIRST] * (len(commands) - 1)
             if not connection.usable:
                 # It went while the transaction waited its turn: the retry on a fresh one follows.
                 self._fail(UpstreamError(Catalogue.UPSTREAM_LOST, f"upstream {connection.config.name}: closed while paced", step="MAIL"))
