@@ -52,6 +52,13 @@ _FAULT_REPLIES = {
 }
 
 
+def _outcome(upstream: UpstreamSession, reply: Reply) -> tuple[str, dict[str, object]]:
+    """The log's outcome of a message the upstream (or the spool, naming its id) gave its verdict on."""
+    if isinstance(upstream, IntakeSession) and upstream.spooled is not None:
+        return "spooled", {"id": upstream.spooled}
+    return ("relayed" if reply.is_positive else "refused by upstream"), {}
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """What every session of one listener shares."""
@@ -76,6 +83,13 @@ class ServerSettings:
     """The users' devices networks, each with its user; empty unless the listener has allow_ip_login."""
     spooler: Spooler | None = field(default=None, repr=False)
     """Takes the mail of users whose delivery is "spool" or "relay-then-spool"; None: no user's is."""
+
+    def upstream_of(self, user: RelayUser, peer: str, session_id: str) -> Upstream:
+        """Where the user's transactions go: the user's upstream, or the spool in front of it."""
+        upstream = self.upstreams[user.upstream.name]
+        if self.spooler is None:
+            return upstream
+        return self.spooler.upstream_for(user.config, upstream, Origin(user.name, user.upstream.name, peer, session_id))
 
     @property
     def implicit_tls(self) -> bool:
@@ -377,7 +391,7 @@ class Relay:
         commands = ask.commands
         if self._upstream is None:
             try:
-                self._upstream = await self._upstream_of(self._user).acquire(self)
+                self._upstream = await self.s.upstream_of(self._user, self.peer, self.session_id).acquire(self)
             except UpstreamError as e:
                 self.records.upstream_failure(e)
                 return Forwarded((e.reply,) * len(commands), e.reply)
@@ -421,14 +435,6 @@ class Relay:
             # The session is gone: the rest of the transaction cannot reach the upstream.
             return Forwarded(tuple(replies), Catalogue.UPSTREAM_LOST)
         return Forwarded(tuple(replies))
-
-    def _upstream_of(self, user: RelayUser) -> Upstream:
-        upstream = self.s.upstreams[user.upstream.name]
-        delivery, spooler = user.config.delivery, self.s.spooler
-        if delivery == "relay" or spooler is None:
-            return upstream
-        origin = Origin(user.name, user.upstream.name, self.peer, self.session_id)
-        return spooler.intake(upstream, origin, relay_first=delivery == "relay-then-spool")
 
     # -- the body -----------------------------------------------------------------------------
 
@@ -509,9 +515,8 @@ class Relay:
         # next message, and another client needing one meanwhile takes it instead of opening a
         # new connection to the provider.
         self._release_upstream()
-        spooled = upstream.spooled if isinstance(upstream, IntakeSession) else None
-        outcome = "spooled" if spooled is not None else "relayed" if reply.is_positive else "refused by upstream"
-        self.records.message(transaction, ask.size, reply, outcome, **({"id": spooled} if spooled else {}))
+        outcome, extra = _outcome(upstream, reply)
+        self.records.message(transaction, ask.size, reply, outcome, **extra)
         return reply
 
     async def _count_sent(self, recipients: int) -> None:

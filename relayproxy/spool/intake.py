@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relayproxy.config import UserConfig
 from relayproxy.errors import UpstreamError
 from relayproxy.logs import EventLog
 from relayproxy.smtp.envelope import Data, EnvelopeCommand, Mail, Rcpt
@@ -58,8 +59,11 @@ class Spooler:
         self.taken = taken
         """Called with each message once it is on disk: the deliveries take it from there."""
 
-    def intake(self, upstream: Upstream, origin: Origin, *, relay_first: bool) -> Upstream:
-        return _Intake(self, upstream if relay_first else None, origin)
+    def upstream_for(self, user: UserConfig, upstream: Upstream, origin: Origin) -> Upstream:
+        """What the user's transactions go to: its upstream itself, or the spool (in front of it)."""
+        if user.delivery == "relay":
+            return upstream
+        return _Intake(self, upstream if user.delivery == "relay-then-spool" else None, origin)
 
 
 class _Intake:
