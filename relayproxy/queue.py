@@ -50,11 +50,10 @@ def list_messages(spool: Spool, out: Print, *, failed: bool = False, now: float 
 
 
 def show(spool: Spool, spool_id: str, out: Print) -> int:
-    try:
-        folder, envelope = spool.find(spool_id)
-    except FileNotFoundError:
-        out(f"relayproxy: no message {spool_id} in {spool.queue} or {spool.failed}")
+    found = _found(spool, spool_id, out)
+    if found is None:
         return 1
+    folder, envelope = found
     fields: list[tuple[str, object]] = [
         ("id", envelope.id), ("where", folder), ("user", envelope.user), ("upstream", envelope.upstream),
         ("from", f"<{envelope.sender}>"), ("recipients", ", ".join(envelope.recipients)),
@@ -74,13 +73,23 @@ def show(spool: Spool, spool_id: str, out: Print) -> int:
     return 0
 
 
-def _held(spool: Spool, spool_id: str, out: Print) -> tuple[Path, Envelope, IO[bytes]] | None:
-    """The message's folder, envelope and locked file; None (said why) if it is unknown or busy."""
+def _found(spool: Spool, spool_id: str, out: Print) -> tuple[Path, Envelope] | None:
     try:
-        folder, envelope = spool.find(spool_id)
+        return spool.find(spool_id)
     except FileNotFoundError:
         out(f"relayproxy: no message {spool_id} in {spool.queue} or {spool.failed}")
+    except ValueError as e:
+        # The proxy's next read of queue/ moves such a file to corrupt/.
+        out(f"relayproxy: the envelope of {spool_id} cannot be read ({e})")
+    return None
+
+
+def _held(spool: Spool, spool_id: str, out: Print) -> tuple[Path, Envelope, IO[bytes]] | None:
+    """The message's folder, envelope and locked file; None (said why) if it is unknown or busy."""
+    found = _found(spool, spool_id, out)
+    if found is None:
         return None
+    folder, envelope = found
     text = spool.lock(spool_id, folder)
     if text is None:
         out(f"relayproxy: {spool_id} is being delivered right now (or was just removed); try again in a moment")
