@@ -139,3 +139,18 @@ def test_the_third_mail_in_a_minute_waits_then_gets_451(make_proxy: ProxyFactory
         code, text = smtp.mail(f"{CLIENT_USER}@example.org")
     assert (code, text) == (451, b"4.7.0 Upstream default is at its max_messages_per_minute, try again later")
     assert upstream.final_dots == 2
+
+
+def test_a_failed_graph_session_gives_its_slot_back(make_proxy: ProxyFactory, graph: Any, tmp_path: Any, pki: Any) -> None:
+    from graph_standin import drop
+
+    # A dropped request is a session failure (the relay then drops the session), not a verdict.
+    graph.script("sendMail", drop())
+    port = make_proxy(graph.upstream_toml(tmp_path, extra="max_sessions = 1\npacing_timeout = 0.5\n"),
+                      extra=f'[users.{CLIENT_USER}]\nupstream = "m365"\n').port
+    message = b"From: alerts@example.org\r\nSubject: x\r\n\r\nx\r\n"
+    for expected in (451, 250):
+        with login(port, pki) as smtp:
+            smtp.mail("alerts@example.org")
+            smtp.rcpt("alice@example.net")
+            assert smtp.data(message)[0] == expected

@@ -460,8 +460,7 @@ class GraphSession:
         try:
             await self._upstream.tokens.token()
         except TokenError as e:
-            self.failure = UpstreamError(Catalogue.upstream_token_failed(self._upstream.config.name), e.detail, step="DATA")
-            return self.failure.reply
+            return self._failed(UpstreamError(Catalogue.upstream_token_failed(self._upstream.config.name), e.detail, step="DATA"))
         self._spool = _Spool(self._upstream.reactor)
         self._unstuffer = Unstuffer()
         return GO_AHEAD
@@ -612,6 +611,8 @@ class GraphSession:
 
     def _failed(self, error: UpstreamError) -> Reply:
         self.failure = error
+        # A failed session is dropped without a release: its pacing slot goes now.
+        self.abort()
         return error.reply
 
     def _verdict(self, what: str, answer: _Answer, final: bool = False) -> Reply:
