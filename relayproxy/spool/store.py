@@ -190,7 +190,9 @@ class Spool:
                 continue
             try:
                 envelope = self.envelope(spool_id, where)
-                if f"{spool_id}.msg" not in present:
+                # A commit renames the text just before the envelope: the listing may hold the new
+                # envelope and not the text, which is there all the same.
+                if f"{spool_id}.msg" not in present and not (where / f"{spool_id}.msg").exists():
                     raise ValueError("its message file is missing")
             except FileNotFoundError:
                 continue  # delivered or deleted since the scandir
